@@ -1,0 +1,11 @@
+"""effattn: efficient self-attention for long sequences behind one interface.
+
+>>> import torch, effattn
+>>> q = k = v = torch.randn(1, 4, 4096, 64)
+>>> out = effattn.attention(q, k, v, method="lsh", n_hashes=4, chunk_len=64, seed=0)
+"""
+
+from effattn.api import attention, get, methods
+
+__all__ = ["attention", "get", "methods"]
+__version__ = "0.1.0"

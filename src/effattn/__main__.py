@@ -1,0 +1,5 @@
+"""``python -m effattn`` runs the command line."""
+
+from effattn.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""Masking shared by every method: which (query, key) pairs may interact.
+
+Masks are decided by *original* positions, so methods that permute tokens (LSH's
+sort) or gather blocks (the block-sparse engine) still mask the right pairs:
+
+- ``causal``: query at position i may see key at position j only if j <= i;
+- padding: a key whose ``padding_mask`` entry is False is never attended;
+- shared-QK self-exclusion (Trax's ``exclude_self``): the pair (i, i) gets a score
+  penalty of :data:`SELF_PENALTY`, so a token attends to itself only when it has no
+  other allowed key;
+- an optional extra rule ``pair_mask(q_pos, k_pos) -> bool`` (True = allowed) for
+  sparse patterns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+#: score penalty on a token's own key under shared-QK (Trax 1.3.4 uses 1e5)
+SELF_PENALTY = 1e5
+
+PairMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def allowed_pairs(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    causal: bool,
+    k_valid: Optional[torch.Tensor] = None,
+    pair_mask: Optional[PairMask] = None,
+) -> Optional[torch.Tensor]:
+    """Bool mask, True where query ``q_pos[..., i, None]`` may see key ``k_pos[..., None, j]``.
+
+    ``q_pos [..., Lq, 1]`` and ``k_pos [..., 1, Lk]`` are integer positions; ``k_valid``
+    (bool, broadcastable to ``[..., 1, Lk]``) marks real keys.  Returns a tensor
+    broadcastable to ``[..., Lq, Lk]``, or ``None`` when every pair is allowed.
+    """
+    mask = None
+    if causal:
+        mask = k_pos <= q_pos
+    if k_valid is not None:
+        mask = k_valid if mask is None else mask & k_valid
+    if pair_mask is not None:
+        extra = pair_mask(q_pos, k_pos)
+        mask = extra if mask is None else mask & extra
+    return mask
+
+
+def apply_masks(
+    scores: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    causal: bool,
+    exclude_self: bool,
+    k_valid: Optional[torch.Tensor] = None,
+    pair_mask: Optional[PairMask] = None,
+) -> torch.Tensor:
+    """Scores ``[..., Lq, Lk]`` with disallowed pairs at ``-inf`` and, for shared-QK,
+    the self pair lowered by :data:`SELF_PENALTY`.  Positions as in :func:`allowed_pairs`.
+    """
+    if exclude_self:
+        scores = scores - SELF_PENALTY * (q_pos == k_pos).to(scores.dtype)
+    mask = allowed_pairs(q_pos, k_pos, causal=causal, k_valid=k_valid, pair_mask=pair_mask)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores
+
+
+def key_valid(padding_mask: Optional[torch.Tensor], n_keys: int, n_padded: int,
+              device: torch.device) -> Optional[torch.Tensor]:
+    """Validity of ``n_padded`` key slots as bool ``[B or 1, 1, n_padded]``: the user's
+    ``padding_mask [B, n_keys]`` extended with False for the slots a method added to reach
+    a block multiple.  ``None`` when every slot is a real key.
+    """
+    if padding_mask is None and n_padded == n_keys:
+        return None
+    if padding_mask is None:
+        valid = torch.ones(1, n_keys, dtype=torch.bool, device=device)
+    else:
+        valid = padding_mask
+    if n_padded > n_keys:
+        valid = torch.nn.functional.pad(valid, (0, n_padded - n_keys), value=False)
+    return valid[:, None, :]
+
+
+def dense_bool_mask(
+    n_q: int,
+    n_k: int,
+    *,
+    causal: bool,
+    padding_mask: Optional[torch.Tensor],
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """The full ``[B or 1, 1, Nq, Nk]`` bool mask (True = allowed) for dense methods, or
+    ``None`` when nothing is masked.  Causal alignment is top-left (key j <= query i).
+    """
+    q_pos = torch.arange(n_q, device=device)[:, None]
+    k_pos = torch.arange(n_k, device=device)[None, :]
+    kv = None if padding_mask is None else padding_mask[:, None, None, :]
+    mask = allowed_pairs(q_pos, k_pos, causal=causal, k_valid=None)
+    if mask is not None:
+        mask = mask[None, None]
+    if kv is not None:
+        mask = kv if mask is None else mask & kv
+    return mask
+
+
+def query_has_keys(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """For a bool mask ``[..., Nq, Nk]``: True for queries with at least one allowed key."""
+    return None if mask is None else mask.any(-1)

@@ -1,0 +1,362 @@
+"""The block-sparse attention engine: the one kernel behind every tiled method.
+
+Queries are cut into blocks of ``block_q`` rows and keys/values into blocks of
+``block_k`` rows.  A *layout* says, for every query block, which key blocks it sees:
+
+- ``kv_blocks=None`` (dense): every key block — FlashAttention's tiling (``blockwise``);
+- ``kv_blocks`` long ``[B|1, H|1, n_q_blocks, S]``: the key-block indices each query
+  block gathers (``-1`` = empty slot).  Sparse Transformer, Longformer, BigBird and
+  LSH (after its sort) are layouts.
+
+Inside the tiles, pairs are masked by *original* positions (``q_pos``, ``k_pos``):
+causal, key validity (padding), shared-QK self-exclusion and an optional
+``pair_mask(q_pos, k_pos)`` rule (:mod:`effattn.masks`).  The softmax is an online
+(FlashAttention) softmax in float32 or wider (:mod:`effattn.softmax`).
+
+The forward returns ``(out, lse)``; the backward recomputes score tiles from
+``q, k, v, out, lse`` (FlashAttention-2 style) and also takes a gradient on ``lse``
+(LSH merges rounds through it).  Neither direction ever holds an ``N x N`` tensor:
+peak extra memory is one group of tiles, sized by ``tile_budget`` elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from effattn.masks import PairMask, apply_masks
+from effattn.softmax import online_finish, online_init, online_update, safe_lse, stat_dtype
+
+#: default number of score elements (all batch/head rows included) per processed group
+DEFAULT_TILE_BUDGET = 1 << 21
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything about one engine call except the differentiable tensors."""
+
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    block_q: int
+    block_k: int
+    scale: float
+    causal: bool
+    exclude_self: bool
+    kv_blocks: Optional[torch.Tensor]  # [Bl, Hl, nQB, S] or None (dense)
+    q_pos: torch.Tensor  # [Bp, Hp, NQ_pad]
+    k_pos: torch.Tensor  # [Bp, Hp, NK_pad]
+    k_valid: Optional[torch.Tensor]  # [Bv, Hv, NK_pad] bool or None
+    pair_mask: Optional[PairMask]
+    default_pos: bool  # positions are arange (lets causal dense skip whole tiles)
+    group_blocks: int  # query blocks per group
+    slot_chunk: int  # key blocks (dense) or slots (sparse) per inner step
+
+    @property
+    def nqb(self) -> int:
+        return self.q_pos.shape[-1] // self.block_q
+
+    @property
+    def nkb(self) -> int:
+        return self.k_pos.shape[-1] // self.block_k
+
+
+def _pad_rows(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
+    """Pad dim -2 (rows) of ``x`` (or the last dim for 3-D position tensors) to ``n``."""
+    extra = n - x.shape[-2]
+    if extra == 0:
+        return x
+    return F.pad(x, (0, 0, 0, extra), value=value)
+
+
+def _pad_last(x: torch.Tensor, n: int, value) -> torch.Tensor:
+    extra = n - x.shape[-1]
+    return x if extra == 0 else F.pad(x, (0, extra), value=value)
+
+
+def _batch_offsets(idx_shape, src_bh, nkb, device):
+    """Flat-row offsets ``[Bo, Ho, 1, 1]`` into a ``[Bs*Hs*nkb, ...]`` view of a source with
+    batch/head extents ``src_bh``; broadcast dims of extent 1 in the source map to 0."""
+    Bo, Ho = idx_shape
+    Bs, Hs = src_bh
+    b = torch.arange(Bo, device=device) if Bs > 1 else torch.zeros(Bo, dtype=torch.long, device=device)
+    h = torch.arange(Ho, device=device) if Hs > 1 else torch.zeros(Ho, dtype=torch.long, device=device)
+    return ((b[:, None] * Hs + h[None, :]) * nkb)[:, :, None, None]
+
+
+def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor) -> torch.Tensor:
+    """Gather key blocks: ``x [Bs, Hs, n*block, *F]``, ``idx [Bi, Hi, G, S]`` (>= 0) ->
+    ``[Bo, Ho, G, S*block, *F]`` with ``Bo = max(Bs, Bi)``, ``Ho = max(Hs, Hi)``."""
+    Bs, Hs, n = x.shape[0], x.shape[1], x.shape[2] // block
+    feat = x.shape[3:]
+    Bo, Ho = max(Bs, idx.shape[0]), max(Hs, idx.shape[1])
+    flat_idx = _batch_offsets((Bo, Ho), (Bs, Hs), n, x.device) + idx
+    rows = x.reshape(Bs * Hs * n, block, *feat)[flat_idx]  # [Bo, Ho, G, S, block, *F]
+    G, S = idx.shape[2], idx.shape[3]
+    return rows.reshape(Bo, Ho, G, S * block, *feat)
+
+
+def _scatter_blocks(dst: torch.Tensor, block: int, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """Inverse of :func:`_gather_blocks` with summation: ``dst [B, H, n*block, F]`` +=
+    ``src [B, H, G, S*block, F]`` at key blocks ``idx [Bi, Hi, G, S]`` (-1 slots ignored)."""
+    B, H, n = dst.shape[0], dst.shape[1], dst.shape[2] // block
+    F_ = dst.shape[3]
+    G, S = idx.shape[2], idx.shape[3]
+    flat_idx = (_batch_offsets((B, H), (B, H), n, dst.device) + idx.clamp(min=0)).expand(B, H, G, S)
+    src = src.reshape(B, H, G, S, block * F_)
+    valid = (idx >= 0).expand(B, H, G, S)
+    if not bool(valid.all()):
+        src = src * valid[..., None].to(src.dtype)
+    dst.view(B * H * n, block * F_).index_add_(0, flat_idx.reshape(-1), src.reshape(-1, block * F_))
+
+
+class _Tile:
+    """One (query group, key chunk) tile: index helpers shared by forward and backward."""
+
+    __slots__ = ("rows", "q_pos", "k_pos", "k_valid", "keys", "sparse_idx", "shape_q")
+
+    def __init__(self, rows, q_pos, k_pos, k_valid, keys, sparse_idx, shape_q):
+        self.rows = rows  # slice of padded query rows
+        self.q_pos = q_pos  # [.., R, 1] (dense) or [.., G, bq, 1] (sparse)
+        self.k_pos = k_pos  # [.., 1, L] or [.., G, 1, L]
+        self.k_valid = k_valid
+        self.keys = keys  # slice of padded key rows (dense) or None
+        self.sparse_idx = sparse_idx  # [Bi, Hi, G, S'] or None
+        self.shape_q = shape_q  # view of the query rows for matmul
+
+
+def _tiles(p: _Plan):
+    """Yield the tiles of plan ``p`` grouped by query group: ``(rows, [tiles])``."""
+    bq, bk = p.block_q, p.block_k
+    nqb = p.nqb
+    for g0 in range(0, nqb, p.group_blocks):
+        g1 = min(nqb, g0 + p.group_blocks)
+        rows = slice(g0 * bq, g1 * bq)
+        tiles = []
+        if p.kv_blocks is None:
+            qp = p.q_pos[..., rows, None]
+            last_q = g1 * bq - 1
+            for c0 in range(0, p.nkb, p.slot_chunk):
+                if p.causal and p.default_pos and c0 * bk > last_q:
+                    break
+                c1 = min(p.nkb, c0 + p.slot_chunk)
+                keys = slice(c0 * bk, c1 * bk)
+                kv = None if p.k_valid is None else p.k_valid[..., None, keys]
+                tiles.append(_Tile(rows, qp, p.k_pos[..., None, keys], kv, keys, None, None))
+        else:
+            G = g1 - g0
+            qp = p.q_pos[..., rows].reshape(p.q_pos.shape[0], p.q_pos.shape[1], G, bq, 1)
+            idx_all = p.kv_blocks[:, :, g0:g1]
+            S = idx_all.shape[-1]
+            for s0 in range(0, S, p.slot_chunk):
+                idx = idx_all[..., s0:s0 + p.slot_chunk]
+                safe = idx.clamp(min=0)
+                kp = _gather_blocks(p.k_pos[..., None], bk, safe)[..., 0]  # [Bo,Ho,G,L]
+                kv = (idx >= 0).repeat_interleave(bk, dim=-1)  # [Bi,Hi,G,L]
+                if p.k_valid is not None:
+                    kv = kv & _gather_blocks(p.k_valid[..., None], bk, safe)[..., 0]
+                elif bool((idx >= 0).all()):
+                    kv = None
+                tiles.append(_Tile(rows, qp, kp[..., None, :],
+                                   None if kv is None else kv[..., None, :], None, idx, G))
+        yield rows, tiles
+
+
+def _tile_kv(p: _Plan, t: _Tile, k: torch.Tensor, v: torch.Tensor):
+    if t.keys is not None:
+        return k[:, :, t.keys], v[:, :, t.keys]
+    safe = t.sparse_idx.clamp(min=0)
+    return _gather_blocks(k, p.block_k, safe), _gather_blocks(v, p.block_k, safe)
+
+
+def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
+    """Query-row tensor ``x [B, H, NQ_pad, F]`` cut to the tile's rows, shaped for matmul."""
+    xr = x[:, :, t.rows]
+    if t.shape_q is None:
+        return xr
+    return xr.reshape(x.shape[0], x.shape[1], t.shape_q, p.block_q, x.shape[-1])
+
+
+def _tile_scores(p: _Plan, t: _Tile, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * p.scale
+    return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
+                       k_valid=t.k_valid, pair_mask=p.pair_mask)
+
+
+def _rows_flat(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
+    """Undo the sparse ``[B, H, G, bq, F]`` grouping back to ``[B, H, G*bq, F]``."""
+    if t.shape_q is None:
+        return x
+    return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
+
+
+def _forward(p: _Plan, q, k, v):
+    """Engine forward on padded, compute-dtype tensors -> ``(out, lse)`` padded."""
+    B, H = q.shape[:2]
+    out = q.new_empty(B, H, q.shape[2], v.shape[-1])
+    lse = q.new_empty(B, H, q.shape[2])
+    for rows, tiles in _tiles(p):
+        qt = None
+        state = None
+        for t in tiles:
+            if qt is None:
+                qt = _tile_q(p, t, q)
+                state = online_init(qt.shape[:-1], v.shape[-1], q.dtype, q.device)
+            kt, vt = _tile_kv(p, t, k, v)
+            state = online_update(*state, _tile_scores(p, t, qt, kt), vt)
+        if state is None:  # causal dense group with no key tile at all
+            out[:, :, rows] = 0
+            lse[:, :, rows] = float("-inf")
+            continue
+        o, l = online_finish(*state)
+        out[:, :, rows] = _rows_flat(p, tiles[0], o)
+        lse[:, :, rows] = _rows_flat(p, tiles[0], l[..., None])[..., 0]
+    return out, lse
+
+
+def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
+    """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``."""
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    # D_i = rowsum(dO * O) - dlse_i : the softmax-jacobian correction, including lse's gradient
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    lse_s = safe_lse(lse)
+    for rows, tiles in _tiles(p):
+        if not tiles:
+            continue
+        t0 = tiles[0]
+        qt = _tile_q(p, t0, q)
+        dot = _tile_q(p, t0, dout)
+        lt = _tile_q(p, t0, lse_s[..., None])
+        dt = _tile_q(p, t0, delta[..., None])
+        dqt = torch.zeros_like(qt)
+        for t in tiles:
+            kt, vt = _tile_kv(p, t, k, v)
+            s = _tile_scores(p, t, qt, kt)
+            pr = torch.exp(s - lt)  # [.., r, L]
+            dvt = torch.matmul(pr.transpose(-1, -2), dot)
+            dp = torch.matmul(dot, vt.transpose(-1, -2))
+            ds = pr * (dp - dt) * p.scale
+            dqt += torch.matmul(ds, kt)
+            dkt = torch.matmul(ds.transpose(-1, -2), qt)
+            if t.keys is not None:
+                dk[:, :, t.keys] += dkt
+                dv[:, :, t.keys] += dvt
+            else:
+                _scatter_blocks(dk, p.block_k, t.sparse_idx, dkt)
+                _scatter_blocks(dv, p.block_k, t.sparse_idx, dvt)
+        dq[:, :, rows] = _rows_flat(p, t0, dqt)
+    return dq, dk, dv
+
+
+class _EngineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = _forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout.to(out.dtype), dlse)
+        return dq, dk, dv, None
+
+
+def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch.Tensor:
+    if pos is None:
+        return torch.arange(n_pad, device=device)[None, None]
+    if pos.dim() != 3:
+        raise ValueError(f"positions: expected [B|1, H|1, N], got shape {tuple(pos.shape)}")
+    # padded rows get a position no real row has; they are masked as keys and dropped as queries
+    return _pad_last(pos.long(), n_pad, value=-1)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_blocks: Optional[torch.Tensor],
+    *,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    causal: bool = False,
+    exclude_self: bool = False,
+    q_pos: Optional[torch.Tensor] = None,
+    k_pos: Optional[torch.Tensor] = None,
+    k_valid: Optional[torch.Tensor] = None,
+    pair_mask: Optional[PairMask] = None,
+    tile_budget: int = DEFAULT_TILE_BUDGET,
+    group_blocks: Optional[int] = None,
+    slot_chunk: Optional[int] = None,
+):
+    """Attention restricted to a block layout.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``; v: ``[B, H, Nk, Dv]`` (any N: the
+            engine pads to block multiples, padded keys are never attended).
+        kv_blocks: ``None`` (every query block sees every key block) or long
+            ``[B|1, H|1, ceil(Nq/block_q), S]`` key-block indices, ``-1`` = empty slot.
+            A block may appear in several slots (it is then counted several times).
+        q_pos / k_pos: original positions ``[B|1, H|1, Nq]`` / ``[.., Nk]`` used by every
+            mask rule (default ``arange``).
+        k_valid: bool ``[B|1, H|1, Nk]``, False = padding key (never attended).
+        causal: key position <= query position.  exclude_self: shared-QK self penalty.
+        pair_mask: extra rule ``f(q_pos [.., r, 1], k_pos [.., 1, L]) -> bool`` (True =
+            allowed); for sparse layouts the position tensors carry a group dim
+            ``[.., G, bq, 1]`` / ``[.., G, 1, L]``.
+        tile_budget: score elements per processed group (memory/speed knob).
+
+    Returns:
+        ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
+        differentiable (``lse`` too).  Queries with no allowed key give 0 and ``-inf``.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    cdt = stat_dtype(q.dtype)
+    nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
+    NQ, NK = nqb * block_q, nkb * block_k
+    default_pos = q_pos is None and k_pos is None
+    qp = _positions(q_pos, Nq, NQ, q.device)
+    kp = _positions(k_pos, Nk, NK, q.device)
+    kvalid = None if k_valid is None else _pad_last(k_valid, NK, value=False)
+    if kvalid is None and NK > Nk:
+        kvalid = (torch.arange(NK, device=q.device) < Nk)[None, None]
+    if kv_blocks is not None:
+        if kv_blocks.dim() != 4 or kv_blocks.shape[2] != nqb:
+            raise ValueError(
+                f"kv_blocks: expected [B|1, H|1, {nqb}, S], got {tuple(kv_blocks.shape)}")
+        if kv_blocks.numel() and int(kv_blocks.max()) >= nkb:
+            raise ValueError(f"kv_blocks: index {int(kv_blocks.max())} >= number of key blocks {nkb}")
+        kv_blocks = kv_blocks.long()
+    # group sizing: keep B*H*(rows)*(keys) within the tile budget
+    if kv_blocks is None:
+        if slot_chunk is None:
+            slot_chunk = max(1, min(nkb, tile_budget // max(1, B * H * block_q * block_k)))
+        if group_blocks is None:
+            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
+    else:
+        S = kv_blocks.shape[-1]
+        if slot_chunk is None:
+            slot_chunk = max(1, S)
+        if group_blocks is None:
+            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
+    plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
+                 qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk)
+    qc = _pad_rows(q.to(cdt), NQ).contiguous()
+    kc = _pad_rows(k.to(cdt), NK).contiguous()
+    vc = _pad_rows(v.to(cdt), NK).contiguous()
+    out, lse = _EngineFn.apply(qc, kc, vc, plan)
+    return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]

@@ -1,0 +1,73 @@
+"""Softmax pieces shared by every softmax-based method, all in float32 or wider.
+
+Conventions: masked scores are ``-inf``; a row with no allowed key has ``lse = -inf``
+and output zero, and its gradients are zero (never NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics accumulate in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def safe_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with ``-inf`` rows replaced by 0, so ``exp(scores - safe_lse)`` is 0 there."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def softmax_lse(scores: torch.Tensor):
+    """Row softmax of masked ``scores [..., L]`` and its log-sum-exp ``[...]``.
+
+    Fully masked rows give probabilities 0 and ``lse = -inf``.
+    """
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - safe_lse(lse)[..., None])
+    return probs, lse
+
+
+def online_init(shape_rows, dv: int, dtype, device):
+    """Empty online-softmax state for ``shape_rows`` query rows: ``(acc, m, l)``."""
+    acc = torch.zeros(*shape_rows, dv, dtype=dtype, device=device)
+    m = torch.full(shape_rows, float("-inf"), dtype=dtype, device=device)
+    l = torch.zeros(shape_rows, dtype=dtype, device=device)
+    return acc, m, l
+
+
+def online_update(acc, m, l, scores, v):
+    """One FlashAttention step: fold ``scores [..., r, L]`` over values ``v [..., L, Dv]``
+    into the running ``(acc [..., r, Dv], m [..., r], l [..., r])``; returns the new state.
+    """
+    m_new = torch.maximum(m, scores.amax(-1))
+    m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(scores - m_safe[..., None])
+    alpha = torch.exp(m - m_safe)
+    l = l * alpha + p.sum(-1)
+    acc = acc * alpha[..., None] + torch.matmul(p.to(v.dtype), v).to(acc.dtype)
+    return acc, m_new, l
+
+
+def online_finish(acc, m, l):
+    """Normalize the online state: ``(out [..., r, Dv], lse [..., r])``; empty rows -> 0, -inf."""
+    empty = l == 0
+    out = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), m_safe + torch.log(l))
+    return out, lse
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0):
+    """Merge attention computed over disjoint (or repeated, as in LSH rounds) key sets.
+
+    ``outs [..., R, ..., N, Dv]`` / ``lses [..., R, ..., N]`` stacked along ``dim``; each
+    part is weighted by ``exp(lse_r - logsumexp_r lse_r)``.  Returns ``(out, lse)`` with
+    ``dim`` removed; all-empty rows give 0 and ``-inf``.  Differentiable.
+    """
+    d = dim if dim >= 0 else lses.dim() + dim
+    total = torch.logsumexp(lses, dim=d, keepdim=True)
+    w = torch.exp(lses - safe_lse(total))
+    out = (outs * w.unsqueeze(-1).to(outs.dtype)).sum(d)
+    return out, total.squeeze(d)
