@@ -95,10 +95,11 @@ def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor) -> torch.Tens
     Bs, Hs, n = x.shape[0], x.shape[1], x.shape[2] // block
     feat = x.shape[3:]
     Bo, Ho = max(Bs, idx.shape[0]), max(Hs, idx.shape[1])
-    flat_idx = _batch_offsets((Bo, Ho), (Bs, Hs), n, x.device) + idx
-    rows = x.reshape(Bs * Hs * n, block, *feat)[flat_idx]  # [Bo, Ho, G, S, block, *F]
     G, S = idx.shape[2], idx.shape[3]
-    return rows.reshape(Bo, Ho, G, S * block, *feat)
+    flat_idx = (_batch_offsets((Bo, Ho), (Bs, Hs), n, x.device) + idx).expand(Bo, Ho, G, S)
+    # index_select is several times faster than advanced indexing for this row gather
+    rows = x.reshape(Bs * Hs * n, block, *feat).index_select(0, flat_idx.reshape(-1))
+    return rows.view(Bo, Ho, G, S * block, *feat)
 
 
 def _scatter_blocks(dst: torch.Tensor, block: int, idx: torch.Tensor, src: torch.Tensor) -> None:
