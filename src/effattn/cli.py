@@ -21,7 +21,10 @@ SUBCOMMANDS = ["effattn.bench.command", "effattn.train", "effattn.repro"]
 
 
 @app.command("methods")
-def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+def methods_cmd(
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    markdown: bool = typer.Option(False, "--markdown", help="print a markdown table (as in the README)"),
+):
     """List every attention method: exactness, causal support, complexity, FLOPs."""
     from effattn import methods
 
@@ -30,6 +33,13 @@ def methods_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON 
         import json
 
         typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if markdown:
+        typer.echo("| method | family | exact | causal | time | memory | description |")
+        typer.echo("|---|---|---|---|---|---|---|")
+        for m in rows:
+            typer.echo(f"| `{m['name']}` | {m['family']} | {'exact' if m['exact'] else 'approx'} | "
+                       f"{'yes' if m['causal'] else 'no'} | {m['time']} | {m['memory']} | {m['description']} |")
         return
     table = Table(title="effattn methods")
     for col in ("name", "family", "exact", "causal", "time", "memory", "FLOPs (forward)"):
