@@ -1,0 +1,277 @@
+"""Sparse Transformer factorized attention (Child et al. 2019): ``sparse_strided`` and
+``sparse_fixed``.
+
+With stride ``l`` (and, for *fixed*, ``c`` summary positions), query ``i`` sees key ``j`` when
+
+- strided: A1 = ``|i - j| < l`` (the previous ``l`` positions), A2 = ``(i - j) mod l == 0``;
+- fixed:   A1 = ``floor(j / l) == floor(i / l)`` (same block), A2 = ``j mod l >= l - c``
+  (the summary positions at the end of every block);
+
+``causal=True`` (the paper's setting) adds ``j <= i``; without it the patterns are the
+symmetric versions above.  Each head sees A1 ∪ A2, or with ``per_head=True`` even heads
+see A1 and odd heads A2 (the paper's interleaved multi-head variant).
+
+Both components run through the block-sparse engine so that the cost is the paper's
+``O(N·(l + N/l))``: A1 is a band / block-diagonal layout; strided A2 runs on the tokens
+reordered by residue ``i mod l`` (each residue class is a run of blocks that sees
+itself); fixed A2 runs over the gathered summary keys.  The two parts are merged on
+their log-sum-exp, the pairs both patterns contain (the diagonal for strided, the
+summary keys of the own block for fixed) counted once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effattn.api import register
+from effattn.mechanisms._layout import (
+    band_layout, block_bounds, check_int, check_same_length, compact_layout, engine_flops,
+    n_blocks, range_candidates,
+)
+from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.softmax import merge_partials, stat_dtype
+
+SPARSE_OPTIONS = {"stride": 128, "block_size": 64, "per_head": False}
+
+
+def _check(stride, block_size, per_head, summary=None):
+    check_int("stride", stride, 1)
+    check_int("block_size", block_size, 1)
+    if not isinstance(per_head, bool):
+        raise ValueError(f"per_head: expected a bool, got {per_head!r}")
+    if summary is not None:
+        check_int("summary", summary, 1)
+        if summary > stride:
+            raise ValueError(f"summary: expected 1 <= summary <= stride = {stride}, got {summary}")
+
+
+# ---------------------------------------------------------------- the engine passes
+
+
+def _run(q, k, v, kv_blocks, block, *, causal, exclude_self, k_valid, pair_mask, pos=None):
+    return block_sparse_attention(q, k, v, kv_blocks, block_q=block, block_k=block,
+                                  scale=1.0, causal=causal, exclude_self=exclude_self,
+                                  q_pos=pos, k_pos=pos, k_valid=k_valid, pair_mask=pair_mask)
+
+
+def _strided_local_layout(N, stride, block, causal, device):
+    return band_layout(N, block, block, stride - 1, 0 if causal else stride - 1, device)[None, None]
+
+
+def _residue_order(N: int, stride: int, block: int, device):
+    """Token order grouping positions by ``i mod stride``.
+
+    Returns ``(pos [L], bm, per_class)``: slot ``s`` holds original position ``pos[s]``
+    (``>= N`` marks a padding slot, each with its own position), classes occupy
+    ``per_class`` blocks of ``bm`` slots.
+    """
+    m = n_blocks(N, stride)
+    bm = min(m, block)
+    per_class = n_blocks(m, bm)
+    slots = per_class * bm
+    r = torch.arange(stride, device=device)[:, None]
+    t = torch.arange(slots, device=device)[None, :]
+    pos = (t * stride + r).reshape(-1)
+    real = (t < m).expand(stride, slots).reshape(-1) & (pos < N)
+    pos = torch.where(real, pos, N + torch.arange(pos.numel(), device=device))
+    return pos, bm, per_class
+
+
+def _residue_layout(stride, per_class, causal, device):
+    qb = torch.arange(stride * per_class, device=device)
+    local = torch.arange(per_class, device=device)
+    cand = (qb // per_class)[:, None] * per_class + local[None, :]
+    allowed = torch.ones_like(cand, dtype=torch.bool)
+    if causal:  # slots of a class are in increasing position order
+        allowed = local[None, :] <= (qb % per_class)[:, None]
+    return compact_layout(allowed, cand)[None, None]
+
+
+def _strided_residue_pass(q, k, v, stride, block, *, causal, exclude_self, padding_mask,
+                          skip_diagonal):
+    """A2 of the strided pattern on residue-ordered tokens -> ``(out, lse)`` in original order."""
+    N = q.shape[2]
+    pos, bm, per_class = _residue_order(N, stride, block, q.device)
+    real = pos < N
+    src = torch.where(real, pos, torch.zeros_like(pos))
+    valid = real[None]
+    if padding_mask is not None:
+        valid = valid & padding_mask[:, src]
+    slot_of = torch.empty(N, dtype=torch.long, device=q.device)
+    slot_of[pos[real]] = torch.nonzero(real)[:, 0]
+    layout = _residue_layout(stride, per_class, causal, q.device)
+    pm = (lambda a, b: a != b) if skip_diagonal else None
+    out, lse = _run(q.index_select(2, src), k.index_select(2, src), v.index_select(2, src),
+                    layout, bm, causal=causal, exclude_self=exclude_self,
+                    k_valid=valid[:, None], pair_mask=pm, pos=pos[None, None])
+    return out.index_select(2, slot_of), lse.index_select(2, slot_of)
+
+
+def _fixed_local_layout(N, stride, block, causal, device):
+    qb = torch.arange(n_blocks(N, block), device=device)
+    q_lo, q_hi = block_bounds(N, block, qb)
+    first = torch.div(q_lo, stride, rounding_mode="floor") * stride
+    last = torch.div(q_hi, stride, rounding_mode="floor") * stride + stride - 1
+    last = torch.clamp(q_hi if causal else last, max=N - 1)
+    cand = range_candidates(first, last, block)
+    return compact_layout(cand >= 0, cand)[None, None]
+
+
+def _summary_positions(N, stride, summary, device):
+    j = torch.arange(N, device=device)
+    return j[j % stride >= stride - summary]
+
+
+def _fixed_summary_pass(q, k, v, stride, summary, block, *, causal, exclude_self, padding_mask):
+    """A2 of the fixed pattern: every query over the gathered summary keys."""
+    idx = _summary_positions(q.shape[2], stride, summary, q.device)
+    if idx.numel() == 0:
+        return None
+    valid = None if padding_mask is None else padding_mask[:, idx][:, None]
+    return block_sparse_attention(
+        q, k.index_select(2, idx), v.index_select(2, idx), None, block_q=block,
+        block_k=min(block, idx.numel()), scale=1.0, causal=causal, exclude_self=exclude_self,
+        k_pos=idx[None, None], k_valid=valid)
+
+
+# ---------------------------------------------------------------- combining the two parts
+
+
+def _merge(a, b):
+    if b is None:
+        return a
+    if a is None:
+        return b
+    return merge_partials(torch.stack([a[0], b[0]]), torch.stack([a[1], b[1]]))
+
+
+def _by_heads(H, part1, part2, q, k, v):
+    """Even heads through ``part1``, odd heads through ``part2``; ``(out, lse)`` over all heads."""
+    even, odd = torch.arange(0, H, 2), torch.arange(1, H, 2)
+    res = [part1(q[:, even], k[:, even], v[:, even])]
+    if odd.numel():
+        res.append(part2(q[:, odd], k[:, odd], v[:, odd]))
+    inv = torch.argsort(torch.cat([even, odd])).to(q.device)
+    out = torch.cat([r[0] for r in res], 1).index_select(1, inv)
+    lse = torch.cat([r[1] for r in res], 1).index_select(1, inv)
+    return out, lse
+
+
+def _prepare(q, k, v, scale, method):
+    check_same_length(q, k, method)
+    cdt = stat_dtype(q.dtype)
+    return (q.to(cdt) * scale), k.to(cdt), v.to(cdt)
+
+
+def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
+                   stride=128, block_size=64, per_head=False):
+    """Strided Sparse Transformer attention.
+
+    ``q [B,H,N,D]``, ``k [B,H,N,D]``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])``.
+    ``stride`` = l; ``block_size`` = engine block of the local part (the residue part uses
+    ``min(block_size, ceil(N / l))``); ``per_head`` as in the module docstring.
+    """
+    _check(stride, block_size, per_head)
+    dtype = q.dtype
+    q, k, v = _prepare(q, k, v, scale, "sparse_strided")
+    N = q.shape[2]
+    kv = None if padding_mask is None else padding_mask[:, None]
+    local = _strided_local_layout(N, stride, block_size, causal, q.device)
+
+    def part1(q, k, v):
+        return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
+                    k_valid=kv, pair_mask=lambda a, b: (a - b).abs() < stride)
+
+    def part2(q, k, v, skip_diagonal=False):
+        return _strided_residue_pass(q, k, v, stride, block_size, causal=causal,
+                                     exclude_self=shared_qk, padding_mask=padding_mask,
+                                     skip_diagonal=skip_diagonal)
+
+    if per_head:
+        out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
+    else:
+        out, lse = _merge(part1(q, k, v), part2(q, k, v, skip_diagonal=True))
+    return out.to(dtype), lse
+
+
+def sparse_fixed(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
+                 stride=128, summary=8, block_size=64, per_head=False):
+    """Fixed Sparse Transformer attention.
+
+    Shapes as :func:`sparse_strided`; ``summary`` = c, the summary positions at the end
+    of every block of ``stride`` positions.
+    """
+    _check(stride, block_size, per_head, summary)
+    dtype = q.dtype
+    q, k, v = _prepare(q, k, v, scale, "sparse_fixed")
+    N = q.shape[2]
+    kv = None if padding_mask is None else padding_mask[:, None]
+    local = _fixed_local_layout(N, stride, block_size, causal, q.device)
+    l, c = stride, summary
+
+    def part1(q, k, v, skip_summary=False):
+        def pm(a, b):
+            same = torch.div(a, l, rounding_mode="floor") == torch.div(b, l, rounding_mode="floor")
+            return same & (b % l < l - c) if skip_summary else same
+        return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
+                    k_valid=kv, pair_mask=pm)
+
+    def part2(q, k, v):
+        res = _fixed_summary_pass(q, k, v, l, c, block_size, causal=causal,
+                                  exclude_self=shared_qk, padding_mask=padding_mask)
+        if res is None:  # no summary position exists: nothing is attended
+            B, H = q.shape[:2]
+            return q.new_zeros(B, H, N, v.shape[-1]), q.new_full((B, H, N), float("-inf"))
+        return res
+
+    if per_head:
+        out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
+    else:
+        out, lse = _merge(part1(q, k, v, skip_summary=True), part2(q, k, v))
+    return out.to(dtype), lse
+
+
+# ---------------------------------------------------------------- FLOPs of what runs
+
+
+def _head_split(H, per_head):
+    return ((H + 1) // 2, H // 2) if per_head else (H, H)
+
+
+def strided_flops(B, H, Nq, Nk, D, Dv, causal=False, stride=128, block_size=64,
+                  per_head=False, **_):
+    """Engine matmul FLOPs of :func:`sparse_strided` (both parts, slots as gathered)."""
+    h1, h2 = _head_split(H, per_head)
+    local = _strided_local_layout(Nq, stride, block_size, causal, "cpu")
+    pos, bm, per_class = _residue_order(Nq, stride, block_size, "cpu")
+    res = _residue_layout(stride, per_class, causal, "cpu")
+    return (engine_flops(B, h1, Nq, block_size, local.shape[-1] * block_size, D, Dv)
+            + engine_flops(B, h2, pos.numel(), bm, res.shape[-1] * bm, D, Dv))
+
+
+def fixed_flops(B, H, Nq, Nk, D, Dv, causal=False, stride=128, summary=8, block_size=64,
+                per_head=False, **_):
+    """Engine matmul FLOPs of :func:`sparse_fixed` (both parts)."""
+    h1, h2 = _head_split(H, per_head)
+    local = _fixed_local_layout(Nq, stride, block_size, causal, "cpu")
+    ns = int(_summary_positions(Nq, stride, summary, "cpu").numel())
+    bk = max(1, min(block_size, ns))
+    return (engine_flops(B, h1, Nq, block_size, local.shape[-1] * block_size, D, Dv)
+            + engine_flops(B, h2, Nq, block_size, n_blocks(ns, bk) * bk, D, Dv))
+
+
+register(
+    "sparse_strided", exact=False, causal=True, time="O(N·(l + N/l)·D)", memory="O(N·D)",
+    flops=strided_flops,
+    flops_formula="2·B·H·(N·⌈l⌉_blocks + N·⌈N/l⌉)·(D+Dv): band blocks + residue-class blocks",
+    options=dict(SPARSE_OPTIONS), family="sparse",
+    description="Sparse Transformer strided pattern: previous l positions ∪ every l-th position",
+)(sparse_strided)
+
+register(
+    "sparse_fixed", exact=False, causal=True, time="O(N·(l + c·N/l)·D)", memory="O(N·D)",
+    flops=fixed_flops,
+    flops_formula="2·B·H·(N·l_blocks + N·c·N/l)·(D+Dv): own-block layout + summary keys",
+    options={**SPARSE_OPTIONS, "summary": 8}, family="sparse",
+    description="Sparse Transformer fixed pattern: own block of l ∪ the c summary positions of every block",
+)(sparse_fixed)
