@@ -58,15 +58,18 @@ def apply_masks(
     exclude_self: bool,
     k_valid: Optional[torch.Tensor] = None,
     pair_mask: Optional[PairMask] = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Scores ``[..., Lq, Lk]`` with disallowed pairs at ``-inf`` and, for shared-QK,
     the self pair lowered by :data:`SELF_PENALTY`.  Positions as in :func:`allowed_pairs`.
+    ``inplace=True`` overwrites ``scores`` (which must already have the full shape).
     """
     if exclude_self:
-        scores = scores - SELF_PENALTY * (q_pos == k_pos).to(scores.dtype)
+        same = (q_pos == k_pos).to(scores.dtype)
+        scores = scores.sub_(same, alpha=SELF_PENALTY) if inplace else scores - SELF_PENALTY * same
     mask = allowed_pairs(q_pos, k_pos, causal=causal, k_valid=k_valid, pair_mask=pair_mask)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
     return scores
 
 

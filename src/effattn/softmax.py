@@ -29,6 +29,21 @@ def softmax_lse(scores: torch.Tensor):
     return probs, lse
 
 
+def softmax_lse_(scores: torch.Tensor):
+    """In-place :func:`softmax_lse`: ``scores [..., L]`` is overwritten with the
+    ``exp(scores - lse)`` — i.e. the probabilities — and ``lse [...]`` is returned with it.
+    Fully masked rows give zeros and ``-inf``.
+    """
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    probs = scores.sub_(m).exp_()
+    total = probs.sum(-1, keepdim=True)
+    empty = total == 0
+    probs.div_(torch.where(empty, torch.ones_like(total), total))
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(total))
+    return probs, lse.squeeze(-1)
+
+
 def online_init(shape_rows, dv: int, dtype, device):
     """Empty online-softmax state for ``shape_rows`` query rows: ``(acc, m, l)``."""
     acc = torch.zeros(*shape_rows, dv, dtype=dtype, device=device)

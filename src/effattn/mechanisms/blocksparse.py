@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.masks import PairMask, apply_masks
-from effattn.softmax import online_finish, online_init, online_update, safe_lse, stat_dtype
+from effattn.softmax import online_finish, online_init, online_update, safe_lse, softmax_lse_, stat_dtype
 
 #: default number of score elements (all batch/head rows included) per processed group
 DEFAULT_TILE_BUDGET = 1 << 21
@@ -183,10 +183,11 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
     return xr.reshape(x.shape[0], x.shape[1], t.shape_q, p.block_q, x.shape[-1])
 
 
-def _tile_scores(p: _Plan, t: _Tile, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-    s = torch.matmul(qt, kt.transpose(-1, -2)) * p.scale
+def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+    """Masked scores ``[.., r, L]`` of a tile; ``qt_scaled`` already carries the scale."""
+    s = torch.matmul(qt_scaled, kt.transpose(-1, -2))
     return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
-                       k_valid=t.k_valid, pair_mask=p.pair_mask)
+                       k_valid=t.k_valid, pair_mask=p.pair_mask, inplace=True)
 
 
 def _rows_flat(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
@@ -202,30 +203,35 @@ def _forward(p: _Plan, q, k, v):
     out = q.new_empty(B, H, q.shape[2], v.shape[-1])
     lse = q.new_empty(B, H, q.shape[2])
     for rows, tiles in _tiles(p):
-        qt = None
-        state = None
-        for t in tiles:
-            if qt is None:
-                qt = _tile_q(p, t, q)
-                state = online_init(qt.shape[:-1], v.shape[-1], q.dtype, q.device)
-            kt, vt = _tile_kv(p, t, k, v)
-            state = online_update(*state, _tile_scores(p, t, qt, kt), vt)
-        if state is None:  # causal dense group with no key tile at all
+        if not tiles:  # causal dense group with no key tile at all
             out[:, :, rows] = 0
             lse[:, :, rows] = float("-inf")
             continue
-        o, l = online_finish(*state)
+        qt = _tile_q(p, tiles[0], q) * p.scale
+        if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
+            kt, vt = _tile_kv(p, tiles[0], k, v)
+            probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt))
+            o = torch.matmul(probs, vt)
+        else:
+            state = online_init(qt.shape[:-1], v.shape[-1], q.dtype, q.device)
+            for t in tiles:
+                kt, vt = _tile_kv(p, t, k, v)
+                state = online_update(*state, _tile_scores(p, t, qt, kt), vt)
+            o, l = online_finish(*state)
         out[:, :, rows] = _rows_flat(p, tiles[0], o)
         lse[:, :, rows] = _rows_flat(p, tiles[0], l[..., None])[..., 0]
     return out, lse
 
 
 def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
-    """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``."""
+    """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``.
+
+    With ``P = exp(S - lse)`` and ``D_i = rowsum(dO * O) - dlse_i``:
+    ``dV = P^T dO``, ``dS = P * (dO V^T - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
+    """
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    # D_i = rowsum(dO * O) - dlse_i : the softmax-jacobian correction, including lse's gradient
     delta = (dout * out).sum(-1)
     if dlse is not None:
         delta = delta - dlse
@@ -234,19 +240,18 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
         if not tiles:
             continue
         t0 = tiles[0]
-        qt = _tile_q(p, t0, q)
+        qt = _tile_q(p, t0, q) * p.scale
         dot = _tile_q(p, t0, dout)
         lt = _tile_q(p, t0, lse_s[..., None])
         dt = _tile_q(p, t0, delta[..., None])
-        dqt = torch.zeros_like(qt)
+        dqt = None
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v)
-            s = _tile_scores(p, t, qt, kt)
-            pr = torch.exp(s - lt)  # [.., r, L]
+            pr = _tile_scores(p, t, qt, kt).sub_(lt).exp_()  # P, recomputed: [.., r, L]
             dvt = torch.matmul(pr.transpose(-1, -2), dot)
-            dp = torch.matmul(dot, vt.transpose(-1, -2))
-            ds = pr * (dp - dt) * p.scale
-            dqt += torch.matmul(ds, kt)
+            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(dt).mul_(pr)
+            part = torch.matmul(ds, kt)
+            dqt = part if dqt is None else dqt.add_(part)
             dkt = torch.matmul(ds.transpose(-1, -2), qt)
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt
@@ -254,7 +259,7 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
             else:
                 _scatter_blocks(dk, p.block_k, t.sparse_idx, dkt)
                 _scatter_blocks(dv, p.block_k, t.sparse_idx, dvt)
-        dq[:, :, rows] = _rows_flat(p, t0, dqt)
+        dq[:, :, rows] = _rows_flat(p, t0, dqt.mul_(p.scale))
     return dq, dk, dv
 
 
