@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from effattn.masks import apply_masks
-from effattn.softmax import softmax_lse, stat_dtype
+from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.softmax import merge_partials, softmax_lse, stat_dtype
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -163,3 +164,46 @@ def pattern_reference(q, k, v, allowed: torch.Tensor, *, causal: bool,
         vv = torch.cat([vv, ve], 2)
     probs, lse = softmax_lse(s)
     return torch.matmul(probs, vv).to(q.dtype), lse
+
+
+def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor, block: int, *,
+                             scale: float, causal: bool, exclude_self: bool,
+                             padding_mask: Optional[torch.Tensor], pair_mask=None):
+    """Engine attention on tokens reordered into *slots* (residue classes, 2-D windows).
+
+    ``pos`` long ``[L]``: the original position each slot holds; ``pos >= N`` marks a
+    padding slot (each with its own position, never attended).  ``kv_blocks`` and
+    ``block`` describe the layout in slot order; every mask rule (causal, padding,
+    self-exclusion, ``pair_mask``) sees original positions.  ``q [B,H,N,D]``, ``k``,
+    ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])`` in the original order.
+    """
+    N = q.shape[2]
+    real = pos < N
+    src = torch.where(real, pos, torch.zeros_like(pos))
+    valid = real[None]
+    if padding_mask is not None:
+        valid = valid & padding_mask[:, src]
+    slot_of = torch.empty(N, dtype=torch.long, device=q.device)
+    slot_of[pos[real]] = torch.nonzero(real)[:, 0]
+    out, lse = block_sparse_attention(
+        q.index_select(2, src), k.index_select(2, src), v.index_select(2, src), kv_blocks,
+        block_q=block, block_k=block, scale=scale, causal=causal, exclude_self=exclude_self,
+        q_pos=pos[None, None], k_pos=pos[None, None], k_valid=valid[:, None], pair_mask=pair_mask)
+    return out.index_select(2, slot_of), lse.index_select(2, slot_of)
+
+
+def merge_parts(*parts):
+    """Merge ``(out [B,H,N,Dv], lse [B,H,N])`` parts over disjoint key sets with
+    :func:`effattn.softmax.merge_partials` (``None`` parts are skipped).
+
+    Rows empty in every part keep output 0 and ``lse = -inf``; their lse is set to 0 before
+    the merge because ``logsumexp`` over all ``-inf`` has a NaN gradient.
+    """
+    parts = [p for p in parts if p is not None]
+    if len(parts) == 1:
+        return parts[0]
+    outs = torch.stack([p[0] for p in parts])
+    lses = torch.stack([p[1] for p in parts])
+    empty = torch.isneginf(lses).all(0)
+    out, lse = merge_partials(outs, lses.masked_fill(empty, 0.0))
+    return out, lse.masked_fill(empty, float("-inf"))

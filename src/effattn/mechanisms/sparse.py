@@ -25,11 +25,11 @@ import torch
 
 from effattn.api import register
 from effattn.mechanisms._layout import (
-    band_layout, block_bounds, check_int, check_same_length, compact_layout, engine_flops,
-    n_blocks, range_candidates,
+    band_layout, block_bounds, check_int, check_same_length, compact_layout, engine_flops, merge_parts,
+    n_blocks, permuted_block_attention, range_candidates,
 )
 from effattn.mechanisms.blocksparse import block_sparse_attention
-from effattn.softmax import merge_partials, stat_dtype
+from effattn.softmax import stat_dtype
 
 SPARSE_OPTIONS = {"stride": 128, "block_size": 64, "per_head": False}
 
@@ -90,21 +90,11 @@ def _residue_layout(stride, per_class, causal, device):
 def _strided_residue_pass(q, k, v, stride, block, *, causal, exclude_self, padding_mask,
                           skip_diagonal):
     """A2 of the strided pattern on residue-ordered tokens -> ``(out, lse)`` in original order."""
-    N = q.shape[2]
-    pos, bm, per_class = _residue_order(N, stride, block, q.device)
-    real = pos < N
-    src = torch.where(real, pos, torch.zeros_like(pos))
-    valid = real[None]
-    if padding_mask is not None:
-        valid = valid & padding_mask[:, src]
-    slot_of = torch.empty(N, dtype=torch.long, device=q.device)
-    slot_of[pos[real]] = torch.nonzero(real)[:, 0]
+    pos, bm, per_class = _residue_order(q.shape[2], stride, block, q.device)
     layout = _residue_layout(stride, per_class, causal, q.device)
-    pm = (lambda a, b: a != b) if skip_diagonal else None
-    out, lse = _run(q.index_select(2, src), k.index_select(2, src), v.index_select(2, src),
-                    layout, bm, causal=causal, exclude_self=exclude_self,
-                    k_valid=valid[:, None], pair_mask=pm, pos=pos[None, None])
-    return out.index_select(2, slot_of), lse.index_select(2, slot_of)
+    return permuted_block_attention(
+        q, k, v, pos, layout, bm, scale=1.0, causal=causal, exclude_self=exclude_self,
+        padding_mask=padding_mask, pair_mask=(lambda a, b: a != b) if skip_diagonal else None)
 
 
 def _fixed_local_layout(N, stride, block, causal, device):
@@ -135,14 +125,6 @@ def _fixed_summary_pass(q, k, v, stride, summary, block, *, causal, exclude_self
 
 
 # ---------------------------------------------------------------- combining the two parts
-
-
-def _merge(a, b):
-    if b is None:
-        return a
-    if a is None:
-        return b
-    return merge_partials(torch.stack([a[0], b[0]]), torch.stack([a[1], b[1]]))
 
 
 def _by_heads(H, part1, part2, q, k, v):
@@ -190,7 +172,7 @@ def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_q
     if per_head:
         out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
     else:
-        out, lse = _merge(part1(q, k, v), part2(q, k, v, skip_diagonal=True))
+        out, lse = merge_parts(part1(q, k, v), part2(q, k, v, skip_diagonal=True))
     return out.to(dtype), lse
 
 
@@ -227,7 +209,7 @@ def sparse_fixed(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     if per_head:
         out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
     else:
-        out, lse = _merge(part1(q, k, v, skip_summary=True), part2(q, k, v))
+        out, lse = merge_parts(part1(q, k, v, skip_summary=True), part2(q, k, v))
     return out.to(dtype), lse
 
 
