@@ -1,0 +1,263 @@
+"""BigBird (Zaheer et al. 2020): block-level window + global + random attention.
+
+The sequence is cut into blocks of ``block_size``; query block ``a`` sees key block ``b``
+
+- window: ``|a - b| <= n_window_blocks // 2``;
+- global (ITC): the first and last ``n_global_blocks`` blocks see every block and every
+  block sees them;
+- random: ``n_random_blocks`` blocks per (head, query block), drawn reproducibly from
+  ``seed`` among the blocks not already seen by window/global (all of them when fewer
+  remain);
+
+and every pair inside a seen block pair is allowed.  ``causal=True`` keeps the past:
+window and random blocks ``b <= a`` (random drawn from strictly earlier blocks), global =
+only the first blocks, plus the usual ``j <= i`` inside blocks.
+
+ETC-style extra global tokens: ``global_qkv=(gq, gk, gv)`` (``[B|1, H, g, D]`` /
+``[.., g, Dv]``) adds g keys every token sees (with ``causal`` they act as a prefix before
+position 0: they are inputs, not sequence tokens); the output keeps the N real rows.
+:class:`BigBirdETC` (``effattn.get("bigbird_etc", extra_global_tokens=g, heads=H, dim=D)``)
+learns ``gq, gk, gv`` and also returns the global tokens' own outputs on request.
+
+Engine passes: non-global query blocks through the block layout, global query blocks
+densely over all keys, extra global keys densely (merged on log-sum-exp).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from effattn.api import prepare, register, spec
+from effattn.mechanisms._layout import (
+    check_int, check_same_length, compact_layout, engine_flops, merge_parts, n_blocks,
+)
+from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.softmax import stat_dtype
+
+BIGBIRD_OPTIONS = {"block_size": 64, "n_window_blocks": 3, "n_global_blocks": 1,
+                   "n_random_blocks": 3, "seed": 0, "global_qkv": None}
+
+
+def _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed):
+    check_int("block_size", block_size, 1)
+    check_int("n_window_blocks", n_window_blocks, 1)
+    if n_window_blocks % 2 == 0:
+        raise ValueError(f"n_window_blocks: expected an odd int (the own block ± n//2), got {n_window_blocks}")
+    check_int("n_global_blocks", n_global_blocks, 0)
+    check_int("n_random_blocks", n_random_blocks, 0)
+    check_int("seed", seed, 0)
+
+
+def global_block_mask(nb: int, n_global_blocks: int, causal: bool, device=None) -> torch.Tensor:
+    """Bool ``[nb]``: the global blocks (first and last ``n_global_blocks``; causal: first)."""
+    b = torch.arange(nb, device=device)
+    g = b < n_global_blocks
+    return g if causal else g | (b >= nb - n_global_blocks)
+
+
+def bigbird_block_pattern(nb: int, H: int, *, n_window_blocks: int, n_global_blocks: int,
+                          n_random_blocks: int, seed: int, causal: bool, device=None):
+    """Block-level pattern ``(pattern [H, nb, nb] bool, random [H, nb, nb] bool)``.
+
+    ``pattern[h, a, b]``: query block ``a`` sees key block ``b`` in head ``h`` (rows of
+    global query blocks list only their window/global part: those rows run densely);
+    ``random`` marks the drawn random blocks.  Random blocks are drawn on CPU from
+    ``torch.Generator().manual_seed(seed)``, per head and query block.
+    """
+    a = torch.arange(nb)[:, None]
+    b = torch.arange(nb)[None, :]
+    g = global_block_mask(nb, n_global_blocks, causal)
+    base = ((a - b).abs() <= n_window_blocks // 2) | g[None, :]
+    if causal:
+        base = base & (b <= a)
+    cand = ~base & ~g[:, None]
+    if causal:
+        cand = cand & (b < a)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(H, nb, nb, generator=gen)
+    scores = torch.where(cand, scores, torch.full_like(scores, -1.0))
+    rand = torch.zeros(H, nb, nb, dtype=torch.bool)
+    r = min(n_random_blocks, nb)
+    if r:
+        top = torch.topk(scores, r, dim=-1)
+        rand.scatter_(-1, top.indices, top.values >= 0)
+    return (base | rand).to(device), rand.to(device)
+
+
+def _row_spans(N, block, nb, n_global_blocks, causal):
+    """Query row ranges ``(first_global, middle, last_global)`` as ``(start, stop)`` pairs."""
+    g = min(n_global_blocks, nb)
+    first = (0, min(N, g * block))
+    if causal:
+        return first, (first[1], N), (N, N)
+    last_start = max(first[1], (nb - g) * block)
+    return first, (first[1], min(N, last_start)), (min(N, last_start), N)
+
+
+def _check_global_qkv(global_qkv, B, H, D, Dv):
+    if global_qkv is None:
+        return None
+    if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3 or \
+            not all(isinstance(t, torch.Tensor) for t in global_qkv):
+        raise ValueError("global_qkv: expected a tuple of 3 tensors (gq, gk, gv)")
+    gq, gk, gv = [t if t.dim() == 4 else t[None] if t.dim() == 3 else None for t in global_qkv]
+    if gq is None or gk is None or gv is None:
+        raise ValueError("global_qkv: expected tensors [B|1, H, g, D] (or [H, g, D])")
+    g = gk.shape[2]
+    for name, t, last in (("gq", gq, D), ("gk", gk, D), ("gv", gv, Dv)):
+        if t.shape[0] not in (1, B) or t.shape[1] != H or t.shape[2] != g or t.shape[3] != last:
+            raise ValueError(f"global_qkv: {name} expected [B|1, H={H}, g={g}, {last}], got {tuple(t.shape)}")
+    return gq, gk, gv
+
+
+def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, block_size=64,
+            n_window_blocks=3, n_global_blocks=1, n_random_blocks=3, seed=0, global_qkv=None):
+    """BigBird attention (ITC, or ETC with ``global_qkv``); see the module docstring.
+
+    ``q [B,H,N,D]``, ``k [B,H,N,D]``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])``.
+    """
+    _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed)
+    B, H, N, D = q.shape
+    check_same_length(q, k, "bigbird")
+    extra = _check_global_qkv(global_qkv, B, H, D, v.shape[-1])
+    dtype = q.dtype
+    cdt = stat_dtype(dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    kv = None if padding_mask is None else padding_mask[:, None]
+    bs = block_size
+    nb = n_blocks(N, bs)
+    pattern, _ = bigbird_block_pattern(nb, H, n_window_blocks=n_window_blocks,
+                                       n_global_blocks=n_global_blocks,
+                                       n_random_blocks=n_random_blocks, seed=seed,
+                                       causal=causal, device=q.device)
+    first, mid, last = _row_spans(N, bs, nb, n_global_blocks, causal)
+    run = dict(scale=scale, causal=causal, exclude_self=shared_qk)
+    pieces = []
+    # global query rows: dense over every key (causal: the first blocks only see the first blocks)
+    grows = [r for r in (first, last) if r[1] > r[0]]
+    if grows:
+        rows = torch.cat([torch.arange(*r, device=q.device) for r in grows])
+        kend = first[1] if causal else N
+        go, gl = block_sparse_attention(
+            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, block_q=bs,
+            block_k=bs, q_pos=rows[None, None], k_valid=None if kv is None else kv[..., :kend], **run)
+        n_first = first[1] - first[0]
+        pieces.append(("first", go[:, :, :n_first], gl[:, :, :n_first]))
+        pieces.append(("last", go[:, :, n_first:], gl[:, :, n_first:]))
+    if mid[1] > mid[0]:
+        qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
+        layout = compact_layout(pattern[:, qb0:qb1])[None]
+        rows = torch.arange(*mid, device=q.device)
+        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, block_q=bs,
+                                        block_k=bs, q_pos=rows[None, None], k_valid=kv, **run)
+        pieces.append(("mid", mo, ml))
+    order = {"first": 0, "mid": 1, "last": 2}
+    pieces.sort(key=lambda p: order[p[0]])
+    out = torch.cat([p[1] for p in pieces], 2)
+    lse = torch.cat([p[2] for p in pieces], 2)
+    if extra is not None:
+        _, gk, gv = (t.to(cdt).expand(B, -1, -1, -1) for t in extra)
+        eo, el = block_sparse_attention(q, gk, gv, None, block_q=bs, block_k=max(1, min(bs, gk.shape[2])),
+                                        scale=scale)
+        out, lse = merge_parts((out, lse), (eo, el))
+    return out.to(dtype), lse
+
+
+def bigbird_flops(B, H, Nq, Nk, D, Dv, causal=False, block_size=64, n_window_blocks=3,
+                  n_global_blocks=1, n_random_blocks=3, seed=0, global_qkv=None, **_):
+    """Engine matmul FLOPs of :func:`bigbird`: layout slots for the middle rows, dense
+    passes for the global rows and the extra global keys."""
+    bs = block_size
+    nb = n_blocks(Nq, bs)
+    pattern, _ = bigbird_block_pattern(nb, H, n_window_blocks=n_window_blocks,
+                                       n_global_blocks=n_global_blocks,
+                                       n_random_blocks=n_random_blocks, seed=seed, causal=causal)
+    first, mid, last = _row_spans(Nq, bs, nb, n_global_blocks, causal)
+    f = 0.0
+    n_glob = (first[1] - first[0]) + (last[1] - last[0])
+    if n_glob:
+        kend = first[1] if causal else Nk
+        f += engine_flops(B, H, n_glob, bs, n_blocks(kend, bs) * bs, D, Dv)
+    if mid[1] > mid[0]:
+        layout = compact_layout(pattern[:, mid[0] // bs:n_blocks(mid[1], bs)])
+        f += engine_flops(B, H, mid[1] - mid[0], bs, layout.shape[-1] * bs, D, Dv)
+    if global_qkv is not None:
+        g = global_qkv[1].shape[-2]
+        bg = max(1, min(bs, g))
+        f += engine_flops(B, H, Nq, bs, n_blocks(g, bg) * bg, D, Dv)
+    return f
+
+
+_BIGBIRD_FORMULA = "2·B·H·(N·(w + g_b + r)·b + 2·g_b·b·N + N·g_extra)·(D+Dv)"
+
+register(
+    "bigbird", exact=False, causal=True, time="O(N·(w + g + r)·b·D)", memory="O(N·D)",
+    flops=bigbird_flops, flops_formula=_BIGBIRD_FORMULA, options=dict(BIGBIRD_OPTIONS),
+    family="bigbird", random=True,
+    description="BigBird: block window + global (ITC; ETC via global_qkv) + seeded random blocks",
+)(bigbird)
+
+
+class BigBirdETC(nn.Module):
+    """BigBird-ETC with ``extra_global_tokens`` learned global tokens per head.
+
+    Parameters ``gq, gk [H, g, D]`` and ``gv [H, g, Dv]``.  ``forward(q, k, v, *, causal,
+    padding_mask, scale, return_lse)`` takes ``[B, H, N, D]`` tensors like
+    :func:`effattn.attention` and returns ``out [B, H, N, Dv]`` (and ``lse``);
+    :meth:`global_outputs` gives the global tokens' own outputs ``[B, H, g, Dv]``.
+    """
+
+    def __init__(self, extra_global_tokens: int, heads: int, dim: int, dim_v: Optional[int] = None,
+                 block_size: int = 64, n_window_blocks: int = 3, n_global_blocks: int = 1,
+                 n_random_blocks: int = 3, seed: int = 0):
+        super().__init__()
+        check_int("extra_global_tokens", extra_global_tokens, 1)
+        check_int("heads", heads, 1)
+        check_int("dim", dim, 1)
+        dim_v = dim if dim_v is None else check_int("dim_v", dim_v, 1)
+        _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed)
+        g = extra_global_tokens
+        self.gq = nn.Parameter(torch.randn(heads, g, dim) * dim ** -0.5)
+        self.gk = nn.Parameter(torch.randn(heads, g, dim) * dim ** -0.5)
+        self.gv = nn.Parameter(torch.randn(heads, g, dim_v) * dim_v ** -0.5)
+        self.options = dict(block_size=block_size, n_window_blocks=n_window_blocks,
+                            n_global_blocks=n_global_blocks, n_random_blocks=n_random_blocks, seed=seed)
+
+    def _qkv(self, dtype):
+        return tuple(t.to(dtype) for t in (self.gq, self.gk, self.gv))
+
+    def forward(self, q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False):
+        s = spec("bigbird_etc")
+        k, scale, shared = prepare(s, q, k, v, causal=causal, padding_mask=padding_mask,
+                                   scale=scale, return_lse=return_lse)
+        out, lse = bigbird(q, k, v, causal=causal, padding_mask=padding_mask, scale=scale,
+                           return_lse=return_lse, shared_qk=shared, global_qkv=self._qkv(q.dtype),
+                           **self.options)
+        return (out, lse) if return_lse else out
+
+    def global_outputs(self, k, v, *, padding_mask=None, scale=None):
+        """Outputs of the global tokens ``[B, H, g, Dv]``: each global query over the N real
+        keys ``k [B, H, N, D]`` / ``v [B, H, N, Dv]`` (padding masked) and the global keys."""
+        B = k.shape[0]
+        gq, gk, gv = (t[None].expand(B, -1, -1, -1) for t in self._qkv(k.dtype))
+        scale = gq.shape[-1] ** -0.5 if scale is None else scale
+        valid = None
+        if padding_mask is not None:
+            valid = torch.cat([padding_mask, padding_mask.new_ones(B, gk.shape[2])], 1)[:, None]
+        out, _ = block_sparse_attention(gq, torch.cat([k, gk], 2), torch.cat([v, gv], 2), None,
+                                        block_q=gq.shape[2], block_k=self.options["block_size"],
+                                        scale=scale, k_valid=valid)
+        return out
+
+
+register(
+    "bigbird_etc", exact=False, causal=True, time="O(N·(w + g + r)·b·D)", memory="O(N·D)",
+    flops=bigbird_flops, flops_formula=_BIGBIRD_FORMULA,
+    options={"extra_global_tokens": 2, "heads": None, "dim": None, "dim_v": None,
+             **{k_: v_ for k_, v_ in BIGBIRD_OPTIONS.items() if k_ != "global_qkv"}},
+    family="bigbird", random=True, module=BigBirdETC,
+    description="BigBird-ETC: BigBird plus learned extra global tokens (an nn.Module via effattn.get)",
+)(bigbird)
