@@ -1,0 +1,402 @@
+"""Reformer LSH attention (Kitaev et al. 2020), as Trax 1.3.4's ``LSHSelfAttention`` does it.
+
+The steps, each a small public function (the seed lab's worked examples exercise them):
+
+1. :func:`hash_vectors` — angular LSH: ``bucket = argmax(concat[xR, -xR])`` for each of
+   ``n_hashes`` random rotations ``R [D, n_hashes, n_buckets // 2]``; round ``r``'s
+   buckets are offset by ``r * n_buckets`` so rounds never share a bucket.  Padding
+   tokens go to an extra bucket of their own (Trax's ``mask`` branch), so the content of
+   padded tokens never moves real tokens in the sort.
+2. :func:`sort_buckets` — the ``n_hashes * N`` (round, token) entries are sorted by the
+   key ``buckets_and_t = N * bucket + (t % N)`` (by bucket, then position) and the inverse
+   permutation ``undo_sort`` is kept.
+3. :func:`chunk_layout` / :func:`sorted_chunk_attention` — the sorted sequence is cut into
+   chunks of ``chunk_len``; each chunk attends to itself plus ``n_chunks_before`` previous
+   and ``n_chunks_after`` next chunks, *cyclically over the whole concatenated sorted
+   sequence* (Trax's ``look_adjacent``: the first chunk of round ``r`` sees the last chunk
+   of round ``r - 1``, the first chunk of round 0 the last chunk of the last round).  This
+   runs through the block-sparse engine with the original positions of the sorted rows as
+   ``q_pos``/``k_pos``, so causal, padding and shared-QK self-exclusion are masked by
+   original position.  When there are fewer chunks than window slots, a chunk that
+   would fill several slots is listed once (the other slots are ``-1``): a chunk's keys
+   are never counted twice.  (Trax repeats it; with one chunk per round both give the
+   same output, ours also the exact log-sum-exp.)  A *token* can still appear twice in
+   a window through two different rounds' chunks — as in Trax.
+4. The rounds are undone (``undo_sort``) and merged with weights
+   ``exp(lse_r - logsumexp_r lse_r)`` (:func:`effattn.softmax.merge_partials`); the
+   merged lse is what ``return_lse=True`` returns.
+
+Memory is ``O(n_hashes * N * D)``: the engine runs one round at a time (its queries are
+the round's sorted rows, its keys the round's rows plus the adjacent chunks of the
+neighbouring rounds) and the rounds are merged as they come, so the gathered copies of
+``q/k/v`` exist for one round at a time; the hash is computed in slices of positions.
+
+Separate keys (``k`` given): queries and keys are hashed with the same rotations and
+sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
+its neighbours).  This lines buckets up when queries and keys distribute over buckets
+alike — the shared-QK setting Reformer is designed for; with very different
+distributions a query may be paired with keys of other buckets.  ``Nq != Nk`` is not
+supported (``ValueError``).
+
+Causality: with ``causal=True`` no query attends a later key, and the gradient of
+output ``i`` to every later position is exactly zero.  But later tokens take part in the
+sort, so they can move chunk boundaries: output ``i`` can change when later tokens change
+their *buckets* (inherent to Reformer).  If every bucket assignment is kept, changing
+later tokens never changes output ``i``.
+
+Randomness: exactly one of ``rotations`` (a tensor) and ``seed`` (an int) defines the
+hash; with neither, the rotations come from ``seed = DEFAULT_SEED`` (0), so results are
+deterministic.  A seed draws shared rotations ``[D, n_hashes, n_buckets // 2]`` (float32
+standard normal from a CPU ``torch.Generator``); per-head hashing takes an explicit
+``rotations`` tensor ``[H, D, n_hashes, n_buckets // 2]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from effattn.api import register
+from effattn.mechanisms._layout import check_int, check_same_length
+from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.softmax import merge_partials, stat_dtype
+
+#: seed of the rotations when neither ``seed`` nor ``rotations`` is given
+DEFAULT_SEED = 0
+#: hashing rounds when neither ``n_hashes`` nor ``rotations`` says
+DEFAULT_N_HASHES = 2
+#: rotated-vector elements computed at once by :func:`hash_vectors` (memory bound)
+HASH_SLICE_ELEMENTS = 1 << 22
+
+LSH_OPTIONS = {
+    "n_hashes": None,
+    "n_buckets": None,
+    "chunk_len": 64,
+    "n_chunks_before": 1,
+    "n_chunks_after": 0,
+    "rotations": None,
+    "seed": None,
+}
+
+
+# ---------------------------------------------------------------- options
+
+
+def default_n_buckets(n: int, chunk_len: int) -> int:
+    """Buckets per round when not given: ``ceil(n / chunk_len)`` rounded up to even, >= 2
+    (about one chunk of tokens per bucket)."""
+    nb = max(2, -(-n // chunk_len))
+    return nb + (nb % 2)
+
+
+def make_rotations(d: int, n_hashes: int, n_buckets: int, seed: int) -> torch.Tensor:
+    """Random rotations ``[d, n_hashes, n_buckets // 2]`` (float32, CPU), standard normal
+    from a ``torch.Generator`` seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, n_hashes, n_buckets // 2, generator=g, dtype=torch.float32)
+
+
+def resolve_options(D: int, H: int, N: int, *, n_hashes, n_buckets, chunk_len, n_chunks_before,
+                    n_chunks_after, rotations, seed, device=None):
+    """Validate the lsh options; returns ``(rotations, n_hashes, n_buckets)``.
+
+    ``rotations`` comes back as a float32 tensor ``[D, n_hashes, n_buckets // 2]`` or
+    ``[H, D, n_hashes, n_buckets // 2]`` on ``device``.  Bad values raise ``ValueError``
+    naming the option.
+    """
+    check_int("chunk_len", chunk_len, 1)
+    check_int("n_chunks_before", n_chunks_before, 0)
+    check_int("n_chunks_after", n_chunks_after, 0)
+    if n_hashes is not None:
+        check_int("n_hashes", n_hashes, 1)
+    if n_buckets is not None:
+        check_int("n_buckets", n_buckets, 2)
+        if n_buckets % 2:
+            raise ValueError(f"n_buckets: expected an even int >= 2, got {n_buckets}")
+    if rotations is not None and seed is not None:
+        raise ValueError("rotations/seed: give one source of randomness, not both "
+                         "(rotations=tensor or seed=int)")
+    if rotations is None:
+        if seed is None:
+            seed = DEFAULT_SEED
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        n_hashes = DEFAULT_N_HASHES if n_hashes is None else n_hashes
+        n_buckets = default_n_buckets(N, chunk_len) if n_buckets is None else n_buckets
+        rotations = make_rotations(D, n_hashes, n_buckets, seed)
+    else:
+        if not isinstance(rotations, torch.Tensor) or not rotations.is_floating_point():
+            raise ValueError(f"rotations: expected a floating tensor, got {type(rotations).__name__}")
+        want = "[D, n_hashes, n_buckets // 2] or [H, D, n_hashes, n_buckets // 2]"
+        if rotations.dim() not in (3, 4) or rotations.shape[-3] != D or (
+                rotations.dim() == 4 and rotations.shape[0] != H):
+            raise ValueError(f"rotations: expected {want} with D={D}, H={H}, "
+                             f"got shape {tuple(rotations.shape)}")
+        r_hashes, r_half = rotations.shape[-2], rotations.shape[-1]
+        if r_hashes < 1 or r_half < 1:
+            raise ValueError(f"rotations: expected {want} with n_hashes, n_buckets // 2 >= 1, "
+                             f"got shape {tuple(rotations.shape)}")
+        if n_hashes is not None and n_hashes != r_hashes:
+            raise ValueError(f"n_hashes: {n_hashes} disagrees with rotations of shape "
+                             f"{tuple(rotations.shape)} ({r_hashes} hashes)")
+        if n_buckets is not None and n_buckets != 2 * r_half:
+            raise ValueError(f"n_buckets: {n_buckets} disagrees with rotations of shape "
+                             f"{tuple(rotations.shape)} ({2 * r_half} buckets)")
+        n_hashes, n_buckets = r_hashes, 2 * r_half
+    if device is not None:
+        rotations = rotations.to(device)
+    return rotations.float(), n_hashes, n_buckets
+
+
+# ---------------------------------------------------------------- hashing and sorting
+
+
+def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Angular LSH buckets of ``x`` for every round, with per-round offsets.
+
+    Args:
+        x: ``[..., N, D]`` (per-head rotations: ``[..., H, N, D]``); hashed in float32
+            (float64 for float64 input).
+        rotations: ``[D, n_hashes, n_buckets // 2]`` or per head ``[H, D, n_hashes, n_buckets // 2]``.
+        n_buckets: even number of buckets per round.
+        valid: optional bool ``[..., N]`` (broadcastable), False = padding token: it goes to
+            an extra bucket ``n_buckets`` and rounds are then offset by ``n_buckets + 1``.
+
+    Returns:
+        long ``[..., n_hashes * N]``: entry ``r * N + t`` is token ``t``'s bucket in round
+        ``r``, ``argmax(concat[x_t R_r, -x_t R_r]) + r * n_buckets`` (first maximum wins,
+        as ``argmax`` of the concatenation does).
+    """
+    if n_buckets % 2 or rotations.shape[-1] != n_buckets // 2:
+        raise ValueError(f"n_buckets: expected an even number equal to 2 * rotations.shape[-1] "
+                         f"= {2 * rotations.shape[-1]}, got {n_buckets}")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    per_head = rotations.dim() == 4
+    rot = rotations.to(device=x.device, dtype=cdt)
+    R, half = rot.shape[-2], rot.shape[-1]
+    N = x.shape[-2]
+    lead = x.shape[:-2]
+    rows = max(1, math.prod(lead) // (rot.shape[0] if per_head else 1))
+    step = max(1, HASH_SLICE_ELEMENTS // max(1, rows * R * half * (rot.shape[0] if per_head else 1)))
+    parts = []
+    for n0 in range(0, N, step):
+        xs = x[..., n0:n0 + step, :].to(cdt)
+        if per_head:
+            rv = torch.einsum("...hnd,hdrk->...hrnk", xs, rot)
+        else:
+            rv = torch.einsum("...nd,drk->...rnk", xs, rot)
+        pmax, parg = rv.max(-1)
+        nmax, narg = (-rv).max(-1)
+        parts.append(torch.where(pmax >= nmax, parg, narg + half))  # [..., R, n]
+    buckets = torch.cat(parts, -1)
+    per_round = n_buckets
+    if valid is not None:
+        per_round = n_buckets + 1
+        buckets = torch.where(valid[..., None, :], buckets, torch.full_like(buckets, n_buckets))
+    offsets = torch.arange(R, device=x.device).view(R, 1) * per_round
+    return (buckets + offsets).flatten(-2)
+
+
+def bucket_sort_keys(buckets: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Trax's sort key ``buckets_and_t = seqlen * bucket + (t % seqlen)`` for
+    ``buckets [..., n_hashes * seqlen]`` (long, same shape): by bucket, then position."""
+    ticker = torch.arange(buckets.shape[-1], device=buckets.device)
+    return seqlen * buckets.long() + ticker % seqlen
+
+
+def sort_buckets(buckets: torch.Tensor, seqlen: int):
+    """Sort the ``n_hashes * seqlen`` entries by (bucket, position).
+
+    Args:
+        buckets: ``[..., n_hashes * seqlen]`` from :func:`hash_vectors` (offsets included).
+
+    Returns:
+        ``(sticker, undo_sort)``, long ``[..., n_hashes * seqlen]`` each: ``sticker[s]`` is
+        the entry (``r * seqlen + t``) at sorted slot ``s`` (so ``sticker % seqlen`` is
+        its original position) and ``undo_sort`` the inverse permutation
+        (``x_sorted.gather(undo_sort) == x``).
+    """
+    keys = bucket_sort_keys(buckets, seqlen)
+    _, sticker = torch.sort(keys, dim=-1, stable=True)
+    ticker = torch.arange(keys.shape[-1], device=keys.device).expand_as(sticker)
+    undo_sort = torch.empty_like(sticker).scatter_(-1, sticker, ticker)
+    return sticker, undo_sort
+
+
+# ---------------------------------------------------------------- chunked attention
+
+
+def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
+                 first: int = 0, count: Optional[int] = None, device=None):
+    """Cyclic chunk windows (Trax's ``look_adjacent``) for query chunks
+    ``first .. first + count - 1`` of a sorted sequence of ``n_chunks`` chunks.
+
+    Returns ``(global_ids, kv_blocks)``: ``global_ids`` long ``[W]``, the chunk ids of the
+    key window ``first - n_chunks_before .. first + count - 1 + n_chunks_after`` (mod
+    ``n_chunks``); ``kv_blocks`` long ``[count, S]`` (``S = 1 + before + after``), for each
+    query chunk its own chunk then ``before`` previous then ``after`` next chunks as
+    indices into that window, ``-1`` where the slot repeats a chunk already listed.
+    """
+    count = n_chunks if count is None else count
+    W = count + n_chunks_before + n_chunks_after
+    global_ids = (first - n_chunks_before + torch.arange(W, device=device)) % n_chunks
+    offs = [0] + [-o for o in range(1, n_chunks_before + 1)] + list(range(1, n_chunks_after + 1))
+    offs_t = torch.tensor(offs, device=device)
+    j = torch.arange(count, device=device)[:, None]
+    local = j + n_chunks_before + offs_t  # [count, S]
+    gid = (first + j + offs_t) % n_chunks
+    dup = (gid[:, :, None] == gid[:, None, :]).tril(-1).any(-1)  # repeats an earlier slot
+    return global_ids, torch.where(dup, torch.full_like(local, -1), local)
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]``."""
+    B, H = x.shape[0], x.shape[1]
+    idx = idx.expand(B, H, idx.shape[-1])
+    return torch.gather(x, 2, idx[..., None].expand(B, H, idx.shape[-1], x.shape[-1]))
+
+
+def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
+                           n_chunks_before: int, n_chunks_after: int, scale: float,
+                           causal: bool = False, exclude_self: bool = False,
+                           k_valid: Optional[torch.Tensor] = None, keep_rounds: bool = False):
+    """LSH chunked attention, round by round, merged over rounds.
+
+    Args:
+        q: ``[B, H, seqlen, D]``; k: ``[B, H, seqlen, D]``; v: ``[B, H, seqlen, Dv]``
+            (``seqlen`` tokens in their original order; computed in their dtype).
+        q_buckets: long ``[B|1, H|1, n_hashes * seqlen]`` (:func:`hash_vectors`).
+        k_buckets: the keys' buckets, or ``None`` when keys are sorted like the queries
+            (shared-QK).
+        seqlen, chunk_len: ``n_hashes * seqlen`` must be a multiple of ``chunk_len``.
+        n_chunks_before / n_chunks_after: the cyclic window (:func:`chunk_layout`).
+        scale, causal, exclude_self: as in the block-sparse engine; masks use original
+            positions.  k_valid: bool ``[B|1, 1|H, seqlen]`` (False = padding key) or None.
+
+        keep_rounds: also return every round's result (costs ``n_hashes`` copies).
+
+    Returns:
+        ``(out [B, H, seqlen, Dv], lse [B, H, seqlen], rounds)``: the merged result and,
+        with ``keep_rounds``, a list of each round's ``(out [B, H, seqlen, Dv],
+        lse [B, H, seqlen])`` in original order (else an empty list).
+    """
+    L = q_buckets.shape[-1]
+    if L % seqlen:
+        raise ValueError(f"q_buckets: length {L} is not a multiple of seqlen={seqlen}")
+    R = L // seqlen
+    if seqlen % chunk_len:
+        raise ValueError(f"chunk_len: seqlen={seqlen} must be a multiple of chunk_len={chunk_len}")
+    cpr = seqlen // chunk_len  # chunks per round
+    n_chunks = R * cpr
+    q_sticker, q_undo = sort_buckets(q_buckets, seqlen)
+    if k_buckets is None:
+        k_sticker = q_sticker
+    else:
+        k_sticker, _ = sort_buckets(k_buckets, seqlen)
+    q_pos_all = q_sticker % seqlen
+    k_pos_all = q_pos_all if k_buckets is None else k_sticker % seqlen
+    out = lse = None
+    rounds = []
+    for r in range(R):
+        rows = slice(r * seqlen, (r + 1) * seqlen)
+        q_pos = q_pos_all[..., rows]
+        gids, kv_blocks = chunk_layout(n_chunks, n_chunks_before, n_chunks_after,
+                                       first=r * cpr, count=cpr, device=q.device)
+        krow = (gids[:, None] * chunk_len + torch.arange(chunk_len, device=q.device)).reshape(-1)
+        k_pos = k_pos_all[..., krow]
+        kv = None if k_valid is None else torch.gather(
+            k_valid.expand(*k_pos.shape[:2], seqlen), 2, k_pos)
+        so, sl = block_sparse_attention(
+            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
+            kv_blocks[None, None], block_q=chunk_len, block_k=chunk_len, scale=scale,
+            causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos, k_valid=kv)
+        undo = q_undo[..., rows] - r * seqlen
+        o_r = _take_rows(so, undo)
+        l_r = torch.gather(sl, 2, undo.expand_as(sl))
+        if keep_rounds:
+            rounds.append((o_r, l_r))
+        if out is None:
+            out, lse = o_r, l_r
+        else:  # merge as we go (merging is associative): one round's copies alive at a time
+            out, lse = merge_partials(torch.stack([out, o_r]), torch.stack([lse, l_r]))
+        del so, sl, o_r, l_r
+    return out, lse, rounds
+
+
+# ---------------------------------------------------------------- the method
+
+
+def lsh_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
+                  n_hashes=None, n_buckets=None, chunk_len=64, n_chunks_before=1,
+                  n_chunks_after=0, rotations=None, seed=None):
+    """Reformer LSH attention (see the module docstring for the algorithm and its masks).
+
+    ``q [B,H,N,D]``, ``k [B,H,N,D]`` (for shared-QK: the RMS-normalized queries, built by
+    the api; hashing then uses ``q``), ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv]``,
+    ``lse [B,H,N]`` merged over rounds, or None).  Options: ``n_hashes`` (default 2),
+    ``n_buckets`` (even; default ``ceil(N / chunk_len)`` rounded up to even),
+    ``chunk_len`` (64), ``n_chunks_before`` (1), ``n_chunks_after`` (0), and one of
+    ``rotations`` (tensor ``[D, n_hashes, n_buckets//2]`` or per head
+    ``[H, D, n_hashes, n_buckets//2]``) / ``seed`` (int; default 0).
+    """
+    N = check_same_length(q, k, "lsh")
+    B, H, _, D = q.shape
+    rot, n_hashes, n_buckets = resolve_options(
+        D, H, N, n_hashes=n_hashes, n_buckets=n_buckets, chunk_len=chunk_len,
+        n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after, rotations=rotations,
+        seed=seed, device=q.device)
+    cdt = stat_dtype(q.dtype)
+    Np = -(-N // chunk_len) * chunk_len
+    extra = Np - N
+    valid = None
+    if padding_mask is not None or extra:
+        valid = padding_mask if padding_mask is not None else torch.ones(
+            1, N, dtype=torch.bool, device=q.device)
+        valid = F.pad(valid, (0, extra), value=False)[:, None, :]  # [B|1, 1, Np]
+
+    def pad(x):
+        return F.pad(x.to(cdt), (0, 0, 0, extra)) if extra else x.to(cdt)
+
+    qc, kc, vc = pad(q), pad(k), pad(v)
+    q_buckets = hash_vectors(qc, rot, n_buckets, valid)
+    k_buckets = None if shared_qk else hash_vectors(kc, rot, n_buckets, valid)
+    out, lse, _ = sorted_chunk_attention(
+        qc, kc, vc, q_buckets, k_buckets, seqlen=Np, chunk_len=chunk_len,
+        n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after, scale=scale,
+        causal=causal, exclude_self=shared_qk, k_valid=valid)
+    out = out[:, :, :N].to(q.dtype)
+    return out, (lse[:, :, :N] if return_lse else None)
+
+
+def lsh_flops(B, H, Nq, Nk, D, Dv, causal=False, n_hashes=None, n_buckets=None, chunk_len=64,
+              n_chunks_before=1, n_chunks_after=0, rotations=None, seed=None, **_):
+    """Forward multiply-adds x 2: hashing the queries (``N·D·n_hashes·n_buckets/2``) plus the
+    engine's ``QK^T`` and ``PV`` over ``n_hashes·N_pad`` rows x ``S·chunk_len`` keys
+    (``S = min(1 + before + after, number of chunks)`` distinct window chunks)."""
+    if rotations is not None:
+        n_hashes, n_buckets = rotations.shape[-2], 2 * rotations.shape[-1]
+    n_hashes = DEFAULT_N_HASHES if n_hashes is None else n_hashes
+    n_buckets = default_n_buckets(Nq, chunk_len) if n_buckets is None else n_buckets
+    Np = -(-Nq // chunk_len) * chunk_len
+    n_chunks = n_hashes * Np // chunk_len
+    S = min(1 + n_chunks_before + n_chunks_after, n_chunks)
+    hashing = 2.0 * B * H * Nq * D * n_hashes * (n_buckets // 2)
+    engine = 2.0 * B * H * (n_hashes * Np) * (S * chunk_len) * (D + Dv)
+    return hashing + engine
+
+
+register(
+    "lsh", exact=False, causal=True,
+    time="O(h·N·(b/2 + c·(1+nb+na))·D + h·N·log(h·N)); b ≈ N/c by default",
+    memory="O(h·N·(D+Dv)) (engine: one round at a time)",
+    flops=lsh_flops,
+    flops_formula="2·B·H·(h·N·D·b/2 + h·N_c·S·c·(D+Dv)), h=n_hashes, b=n_buckets, c=chunk_len, "
+                  "N_c = N rounded up to c, S = min(1+nb+na, h·N_c/c) (x2 hashing with separate keys)",
+    options=dict(LSH_OPTIONS), family="lsh", random=True,
+    description="Reformer LSH attention (Trax 1.3.4): angular hash, sort by bucket, "
+                "chunked attention over own + adjacent chunks, rounds merged on their lse",
+)(lsh_attention)
