@@ -1,0 +1,1 @@
+"""Training machinery behind ``effattn train`` / ``effattn eval`` (one job per module)."""
