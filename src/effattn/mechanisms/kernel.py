@@ -1,0 +1,480 @@
+"""Kernel (linear) attention: ``linear`` (elu+1), ``efficient`` (Shen), ``taylor`` (Li),
+``performer`` (FAVOR+).
+
+Every method here is one feature map plugged into ONE shared path,
+:func:`feature_map_attention`, which computes
+
+    out_i = sum_j w_ij phi(q_i)·phi(k_j) v_j / sum_j w_ij phi(q_i)·phi(k_j)
+
+as ``phi(Q) (phi(K)^T V)`` without any ``N x N`` tensor: ``w_ij`` is 1 for allowed
+pairs (real key; causal: ``j <= i``) and 0 otherwise, so padded keys leave both the
+numerator and the normalizer.  Causal attention uses *chunked prefix sums*: inside a
+chunk of ``chunk`` positions the masked ``chunk x chunk`` block is computed directly;
+across chunks a running ``sum phi(k)^T v`` (``M x Dv``) and ``sum phi(k)`` (``M``) are
+carried.  Memory is ``O(N·(M + Dv + chunk) + (N/chunk)·M·Dv)``, never ``O(N·M·Dv)``.
+
+Feature maps whose key features need a large per-key factor (Performer's
+``exp(w·k - |k|²/2)``, the trig kernel's ``exp(|k|²/2)``) return them in log-scaled
+form ``phi(k_j) = exp(s_j) psi(k_j)``; the shared path divides by a per-query constant
+``c_i = max_{allowed j} s_j`` (non-causal: the max over real keys; causal: the running
+max over keys ``j <= i``), which cancels exactly in the ratio, so nothing overflows
+and causal outputs depend on no later position, not even through the stabilizer.
+
+Numerics: everything is computed in float32 (float64 for float64 input) and cast to
+the input dtype at the end.  A denominator is replaced only where it is exactly zero
+(a query with no real key, or all its kernel values underflowed): that query outputs
+zeros; no additive eps biases the other rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from effattn.api import register
+from effattn.softmax import softmax_lse, stat_dtype
+
+__all__ = [
+    "feature_map_attention", "dense_feature_map_attention", "orthogonal_gaussian",
+    "performer_projection", "linear_features", "taylor_features", "efficient_features",
+    "performer_features", "reset_feature_generators",
+]
+
+
+# --------------------------------------------------------------------------- shared path
+
+def _key_valid(padding_mask: Optional[torch.Tensor], n_keys: int) -> Optional[torch.Tensor]:
+    """``padding_mask [B, Nk]`` as ``[B, 1, Nk]`` (broadcasting over heads), or None."""
+    return None if padding_mask is None else padding_mask[:, None, :n_keys]
+
+
+def zero_padded(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [B, H, N, ·]`` with the rows of padded tokens set to zero (their content, even
+    inf/NaN, then never reaches a result or a gradient)."""
+    if padding_mask is None:
+        return x
+    return x.masked_fill(~padding_mask[:, None, :, None], 0.0)
+
+
+def _normalize(num: torch.Tensor, den: torch.Tensor, has_key: Optional[torch.Tensor]):
+    """``num [..., N, Dv] / den [..., N]``; rows with ``den == 0`` or no key give zeros
+    (finite gradients: the division never sees a zero)."""
+    empty = den == 0
+    if has_key is not None:
+        empty = empty | ~has_key
+    out = num / torch.where(empty, torch.ones_like(den), den)[..., None]
+    return out.masked_fill(empty[..., None], 0.0)
+
+
+def _check_chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    return chunk
+
+
+def feature_map_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    padding_mask: Optional[torch.Tensor] = None,
+    k_log: Optional[torch.Tensor] = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """THE kernel-attention path: ``phi(Q) (phi(K)^T V)`` normalized, with masks.
+
+    ``phi_q [B, H, Nq, M]``, ``phi_k [B, H, Nk, M]``, ``v [B, H, Nk, Dv]`` (one dtype);
+    ``padding_mask`` bool ``[B, Nk]`` (True = real key); ``k_log [B, H, Nk]`` optional
+    per-key log-scale (the key's features are ``exp(k_log) * phi_k``; it may carry
+    gradient).  ``causal``: query i sees keys ``j <= i`` (top-left alignment), computed
+    by chunked prefix sums with ``chunk`` positions per chunk.
+    Returns ``out [B, H, Nq, Dv]`` in ``phi_q.dtype``; a query with no allowed key (or
+    an all-zero kernel row) outputs zeros.  Padded keys' ``phi_k``/``v`` must be finite
+    (callers zero them with :func:`zero_padded`).
+    """
+    _check_chunk(chunk)
+    valid = _key_valid(padding_mask, phi_k.shape[2])
+    if causal:
+        return _causal(phi_q, phi_k, v, valid, k_log, chunk)
+    if valid is not None:
+        v = v.masked_fill(~valid[..., None], 0.0)
+    if k_log is not None:
+        s = k_log.detach()
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        c = s.amax(-1, keepdim=True)
+        c = torch.where(torch.isneginf(c), torch.zeros_like(c), c)
+        expo = k_log - c
+        if valid is not None:
+            expo = expo.masked_fill(~valid, float("-inf"))
+        phi_k = phi_k * torch.exp(expo)[..., None]
+    elif valid is not None:
+        phi_k = phi_k.masked_fill(~valid[..., None], 0.0)
+    kv = torch.matmul(phi_k.transpose(-1, -2), v)  # [B, H, M, Dv]
+    z = phi_k.sum(-2)  # [B, H, M]
+    num = torch.matmul(phi_q, kv)
+    den = torch.matmul(phi_q, z[..., None])[..., 0]
+    has_key = None if valid is None else valid.any(-1, keepdim=True)  # [B, 1, 1]
+    return _normalize(num, den, has_key)
+
+
+def _causal(phi_q, phi_k, v, valid, k_log, C):
+    """Chunked causal prefix sums (see :func:`feature_map_attention`)."""
+    B, H, Nq, M = phi_q.shape
+    Nk, Dv = phi_k.shape[2], v.shape[-1]
+    T = -(-max(Nq, Nk) // C)
+    L = T * C
+    pq = F.pad(phi_q, (0, 0, 0, L - Nq))
+    pk = F.pad(phi_k, (0, 0, 0, L - Nk))
+    pv = F.pad(v, (0, 0, 0, L - Nk))
+    if valid is None and L == Nk:
+        val = None
+    else:
+        base = valid if valid is not None else torch.ones(1, 1, Nk, dtype=torch.bool, device=v.device)
+        val = F.pad(base, (0, L - Nk), value=False)  # [B|1, 1, L]
+    if val is not None:
+        pv = pv.masked_fill(~val[..., None], 0.0)
+        pk = pk.masked_fill(~val[..., None], 0.0)
+    qc = pq.reshape(B, H, T, C, M)
+    kc = pk.reshape(B, H, T, C, M)
+    vc = pv.reshape(B, H, T, C, Dv)
+    tri = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
+    allowed = tri if val is None else tri & val.reshape(val.shape[0], 1, T, 1, C)
+
+    a = torch.matmul(qc, kc.transpose(-1, -2))  # [B, H, T, C, C]
+    if k_log is None:
+        a = a.masked_fill(~allowed, 0.0)
+        wk = None if val is None else val.reshape(val.shape[0], 1, T, C).to(pk.dtype)
+        carry_factor = None
+    else:
+        s = F.pad(k_log, (0, L - Nk))
+        sd = s.detach()
+        if val is not None:
+            sd = sd.masked_fill(~val, float("-inf"))
+        c_raw = torch.cummax(sd, dim=-1).values  # [B, H, L]: max over keys j <= i
+        c = torch.where(torch.isneginf(c_raw), torch.zeros_like(c_raw), c_raw)
+        expo = s.reshape(B, H, T, 1, C) - c.reshape(B, H, T, C, 1)
+        a = a * torch.exp(expo.masked_fill(~allowed, float("-inf")))
+        # chunk t's summary uses reference r_t = c at its last position
+        r_raw = c_raw.reshape(B, H, T, C)[..., -1]
+        r = c.reshape(B, H, T, C)[..., -1]
+        ek = s.reshape(B, H, T, C) - r[..., None]
+        if val is not None:
+            ek = ek.masked_fill(~val.reshape(val.shape[0], 1, T, C), float("-inf"))
+        wk = torch.exp(ek)
+        # a query in chunk t reads the carried state (reference r_{t-1}) times exp(r_{t-1} - c_i)
+        prev = F.pad(r_raw, (1, 0), value=float("-inf"))[..., :T]  # [B, H, T]
+        diff = prev[..., None] - c.reshape(B, H, T, C)
+        carry_factor = torch.exp(diff.masked_fill(torch.isneginf(prev)[..., None], float("-inf")))
+        # step[t-1] = exp(r_{t-2} - r_{t-1}) rescales the state entering chunk t-1 to chunk t
+        step = torch.exp((prev[..., :-1] - r[..., :-1]).masked_fill(
+            torch.isneginf(prev[..., :-1]), float("-inf")))
+    num = torch.matmul(a, vc)  # [B, H, T, C, Dv]
+    den = a.sum(-1)  # [B, H, T, C]
+
+    kw = kc if wk is None else kc * wk[..., None]
+    loc_kv = torch.matmul(kw.transpose(-1, -2), vc)  # [B, H, T, M, Dv]
+    loc_z = kw.sum(-2)  # [B, H, T, M]
+    if k_log is None:
+        st_kv = torch.cumsum(loc_kv, dim=2)
+        st_z = torch.cumsum(loc_z, dim=2)
+        st_kv = F.pad(st_kv, (0, 0, 0, 0, 1, 0))[:, :, :T]
+        st_z = F.pad(st_z, (0, 0, 1, 0))[:, :, :T]
+    else:
+        # exclusive prefix over chunks, state t in reference prev[t] = r_{t-1}
+        kvs = [torch.zeros_like(loc_kv[:, :, 0])]
+        zs = [torch.zeros_like(loc_z[:, :, 0])]
+        for t in range(1, T):
+            f = step[..., t - 1]  # exp(r_{t-2} - r_{t-1}), 0 when no key before chunk t-1
+            kvs.append(kvs[-1] * f[..., None, None] + loc_kv[:, :, t - 1])
+            zs.append(zs[-1] * f[..., None] + loc_z[:, :, t - 1])
+        st_kv = torch.stack(kvs, dim=2)
+        st_z = torch.stack(zs, dim=2)
+    c_num = torch.matmul(qc, st_kv)  # [B, H, T, C, Dv]
+    c_den = torch.matmul(qc, st_z[..., None])[..., 0]  # [B, H, T, C]
+    if carry_factor is not None:
+        c_num = c_num * carry_factor[..., None]
+        c_den = c_den * carry_factor
+    num = (num + c_num).reshape(B, H, L, Dv)[:, :, :Nq]
+    den = (den + c_den).reshape(B, H, L)[:, :, :Nq]
+    has_key = None
+    if val is not None:
+        has_key = torch.cumsum(val.to(torch.int32), -1)[..., :Nq] > 0  # [B|1, 1, Nq]
+    return _normalize(num, den, has_key)
+
+
+def dense_feature_map_attention(phi_q, phi_k, v, *, causal, padding_mask=None, k_log=None):
+    """Reference for :func:`feature_map_attention` that materializes the ``[B,H,Nq,Nk]``
+    kernel matrix ``exp(k_log_j) phi(q_i)·phi(k_j)`` with masks.  Same shapes; for tests
+    and small inputs only."""
+    a = torch.matmul(phi_q, phi_k.transpose(-1, -2))
+    if k_log is not None:
+        a = a * torch.exp(k_log)[..., None, :]
+    Nq, Nk = a.shape[-2:]
+    mask = torch.ones(Nq, Nk, dtype=torch.bool, device=a.device)
+    if causal:
+        mask = mask.tril()
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :]
+    a = a.masked_fill(~mask, 0.0)
+    num = torch.matmul(a, v.masked_fill(~mask.any(-2)[..., None], 0.0))
+    return _normalize(num, a.sum(-1), mask.any(-1))
+
+
+# --------------------------------------------------------------------------- feature maps
+
+def linear_features(x: torch.Tensor) -> torch.Tensor:
+    """Katharopoulos et al.: ``elu(x) + 1`` (positive), ``[..., D] -> [..., D]``."""
+    return F.elu(x) + 1.0
+
+
+def taylor_features(x: torch.Tensor) -> torch.Tensor:
+    """Li et al. first-order Taylor: ``[1, x/|x|]``, ``[..., D] -> [..., D + 1]``, so that
+    ``phi(q)·phi(k) = 1 + q̂·k̂ >= 0``."""
+    xh = F.normalize(x, dim=-1)
+    return torch.cat([torch.ones_like(xh[..., :1]), xh], dim=-1)
+
+
+def efficient_features(q, k, padding_mask, temperature: float):
+    """Shen et al.: ``rho_q(Q)`` = softmax of each query over its features, ``rho_k(K)`` =
+    softmax of each feature over the real key positions.  ``q [B,H,Nq,D]``,
+    ``k [B,H,Nk,D]`` -> ``([B,H,Nq,D], [B,H,Nk,D])``; both are multiplied by
+    ``temperature`` first.  Padded keys get weight 0; a batch row with no real key
+    gets all-zero key features."""
+    phi_q = torch.softmax(q * temperature, dim=-1)
+    sk = (k * temperature).transpose(-1, -2)  # [B, H, D, Nk]
+    if padding_mask is not None:
+        sk = sk.masked_fill(~padding_mask[:, None, None, :], float("-inf"))
+    phi_k, _ = softmax_lse(sk)
+    return phi_q, phi_k.transpose(-1, -2)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """FAVOR+ projection ``W [m, d]`` (float64, CPU): stacked blocks of orthonormal rows
+    (QR of a Gaussian ``d x d``), each row scaled by the norm of an independent
+    ``N(0, I_d)`` vector (chi-distributed), so rows are marginally Gaussian."""
+    blocks = []
+    for _ in range(-(-m // d)):
+        g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        qm, rm = torch.linalg.qr(g)
+        # sign fix: makes Q Haar-distributed (raw LAPACK QR is not, and biases the estimate)
+        qm = qm * torch.sign(torch.diagonal(rm))[None, :]
+        blocks.append(qm.T)
+    w = torch.cat(blocks, 0)[:m]
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)
+    return w * norms[:, None]
+
+
+_FIXED_CACHE: dict = {}
+_REDRAW_GENERATORS: dict = {}
+
+
+def reset_feature_generators() -> None:
+    """Restart every ``redraw=True`` feature stream from its seed."""
+    _REDRAW_GENERATORS.clear()
+
+
+def performer_projection(n_features: int, dim: int, *, seed: int, redraw: bool,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The random projection ``W [n_features, dim]`` (float64, CPU) for one call.
+
+    ``generator`` given: drawn from it (it advances).  ``redraw=False``: the same matrix for
+    a given ``seed`` every call.  ``redraw=True``: a new matrix per call from a
+    process-wide generator per ``seed`` (advancing; :func:`reset_feature_generators`
+    restarts it), so a sequence of calls is reproducible from ``seed``.
+    """
+    if generator is not None:
+        return orthogonal_gaussian(n_features, dim, generator)
+    if redraw:
+        g = _REDRAW_GENERATORS.get(seed)
+        if g is None:
+            g = _REDRAW_GENERATORS[seed] = torch.Generator().manual_seed(seed)
+        return orthogonal_gaussian(n_features, dim, g)
+    key = (seed, n_features, dim)
+    w = _FIXED_CACHE.get(key)
+    if w is None:
+        if len(_FIXED_CACHE) > 64:
+            _FIXED_CACHE.clear()
+        w = _FIXED_CACHE[key] = orthogonal_gaussian(n_features, dim, torch.Generator().manual_seed(seed))
+    return w
+
+
+def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bool):
+    """FAVOR+ features of ``x [B,H,N,D]`` (already scaled by ``scale ** 0.5``) for the
+    projection ``w [M, D]``.  Returns ``(psi, log_scale)``: the features are
+    ``exp(log_scale)[..., None] * psi``; for queries any per-query factor cancels in the
+    normalized output, so ``log_scale`` is ``None``.
+
+    - ``"softmax"``: ``exp(w·x - |x|²/2) / sqrt(M)`` (positive), ``psi [B,H,N,M]``,
+      stabilized by the (gradient-free) max over features;
+    - ``"trig"``: ``exp(|x|²/2) [sin(w·x), cos(w·x)] / sqrt(M)``, ``psi [B,H,N,2M]``.
+    The constant ``1/sqrt(M)`` cancels in the normalization and is dropped.
+    """
+    proj = torch.matmul(x, w.T)  # [B, H, N, M]
+    if kind == "softmax":
+        u = proj - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        m = u.detach().amax(-1, keepdim=True)
+        psi = torch.exp(u - m)
+        return psi, (None if is_query else m[..., 0])
+    psi = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+    return psi, (None if is_query else 0.5 * x.pow(2).sum(-1))
+
+
+# --------------------------------------------------------------------------- methods
+
+def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
+    """Multiply-adds x 2 of the shared path for ``M`` features."""
+    if not causal:
+        return 2.0 * B * H * (Nk * M * (Dv + 1) + Nq * M * (Dv + 1))
+    C = min(chunk, max(Nq, Nk))
+    L = -(-max(Nq, Nk) // C) * C
+    intra = L * C * (M + Dv + 1)
+    states = L * M * (Dv + 1) + L * M * (Dv + 1)
+    return 2.0 * B * H * (intra + states)
+
+
+def _prep(q, k, v, padding_mask):
+    cdt = stat_dtype(q.dtype)
+    return (q.to(cdt), zero_padded(k.to(cdt), padding_mask), zero_padded(v.to(cdt), padding_mask))
+
+
+def linear_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, chunk=64):
+    """Katharopoulos et al. linear attention, ``phi = elu + 1``.  ``q [B,H,Nq,D]``,
+    ``k [B,H,Nk,D]``, ``v [B,H,Nk,Dv]`` -> ``(out [B,H,Nq,Dv], None)``.  The kernel has no
+    temperature: ``scale`` does not change the result."""
+    _check_chunk(chunk)
+    qc, kc, vc = _prep(q, k, v, padding_mask)
+    out = feature_map_attention(linear_features(qc), linear_features(kc), vc, causal=causal,
+                                padding_mask=padding_mask, chunk=chunk)
+    return out.to(q.dtype), None
+
+
+def taylor_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, chunk=64):
+    """Li et al. first-order Taylor attention
+    ``o_i = (sum_j v_j + q̂_i^T sum_j k̂_j v_j^T) / (N + q̂_i^T sum_j k̂_j)`` over real (and,
+    causal, earlier) keys, with L2-normalized ``q̂, k̂`` (so ``scale`` has no effect).
+    Shapes as :func:`linear_attention`."""
+    _check_chunk(chunk)
+    qc, kc, vc = _prep(q, k, v, padding_mask)
+    out = feature_map_attention(taylor_features(qc), taylor_features(kc), vc, causal=causal,
+                                padding_mask=padding_mask, chunk=chunk)
+    return out.to(q.dtype), None
+
+
+def efficient_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk):
+    """Shen et al. efficient attention ``rho_q(Q) (rho_k(K)^T V)``; both softmaxes use
+    the temperature ``sqrt(scale)`` on their inputs (``scale=1`` is the paper's form).
+    Non-causal only.  Shapes as :func:`linear_attention`."""
+    qc, kc, vc = _prep(q, k, v, padding_mask)
+    t = math.sqrt(scale)
+    phi_q, phi_k = efficient_features(qc, kc, padding_mask, t)
+    out = feature_map_attention(phi_q, phi_k, vc, causal=False, padding_mask=padding_mask)
+    return out.to(q.dtype), None
+
+
+PERFORMER_KERNELS = ("softmax", "trig")
+
+
+def _check_performer(n_features, kernel, redraw, seed, generator, projection, D):
+    if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+        raise ValueError(f"n_features: expected a positive int, got {n_features!r}")
+    if kernel not in PERFORMER_KERNELS:
+        raise ValueError(f"kernel: expected one of {PERFORMER_KERNELS}, got {kernel!r}")
+    if not isinstance(redraw, bool):
+        raise TypeError(f"redraw: expected bool, got {type(redraw).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if projection is not None:
+        if not isinstance(projection, torch.Tensor) or not projection.is_floating_point():
+            raise TypeError("projection: expected a floating tensor [n_features, D]")
+        if projection.dim() != 2 or projection.shape[1] != D:
+            raise ValueError(f"projection: expected shape [M, D={D}], got {tuple(projection.shape)}")
+
+
+def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
+                        n_features=256, kernel="softmax", redraw=False, seed=0, generator=None,
+                        projection=None, chunk=64):
+    """Performer FAVOR+: random features whose inner products estimate
+    ``exp(q·k·scale)``, hence ``softmax(Q K^T scale) V`` as ``n_features`` grows.
+
+    ``q [B,H,Nq,D]``, ``k [B,H,Nk,D]``, ``v [B,H,Nk,Dv]`` -> ``(out [B,H,Nq,Dv], None)``.
+    ``kernel="softmax"``: positive orthogonal random features; ``"trig"``: sin/cos random
+    Fourier features (unbiased but not positive: denominators can be near zero).
+    Projection: ``projection`` (explicit ``[M, D]``) else drawn per
+    :func:`performer_projection` from ``generator`` / ``seed`` / ``redraw``.
+    """
+    D = q.shape[-1]
+    _check_performer(n_features, kernel, redraw, seed, generator, projection, D)
+    _check_chunk(chunk)
+    qc, kc, vc = _prep(q, k, v, padding_mask)
+    if projection is None:
+        projection = performer_projection(n_features, D, seed=seed, redraw=redraw, generator=generator)
+    w = projection.to(device=qc.device, dtype=qc.dtype)
+    r = scale ** 0.5
+    phi_q, _ = performer_features(qc * r, w, kernel, is_query=True)
+    phi_k, k_log = performer_features(kc * r, w, kernel, is_query=False)
+    out = feature_map_attention(phi_q, phi_k, vc, causal=causal, padding_mask=padding_mask,
+                                k_log=k_log, chunk=chunk)
+    return out.to(q.dtype), None
+
+
+def _linear_flops(B, H, Nq, Nk, D, Dv, causal=False, chunk=64, **_):
+    return _flops_path(B, H, Nq, Nk, D, Dv, causal, chunk)
+
+
+def _taylor_flops(B, H, Nq, Nk, D, Dv, causal=False, chunk=64, **_):
+    return _flops_path(B, H, Nq, Nk, D + 1, Dv, causal, chunk)
+
+
+def _efficient_flops(B, H, Nq, Nk, D, Dv, causal=False, **_):
+    return _flops_path(B, H, Nq, Nk, D, Dv, False, 1)
+
+
+def _performer_flops(B, H, Nq, Nk, D, Dv, causal=False, n_features=256, kernel="softmax",
+                     chunk=64, **_):
+    M = n_features * (2 if kernel == "trig" else 1)
+    return 2.0 * B * H * (Nq + Nk) * n_features * D + _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk)
+
+
+_PATH_FORMULA = ("2·B·H·(Nq+Nk)·M·(Dv+1); causal: + 2·B·H·N·chunk·(M+Dv+1)")
+_COMMON = dict(exact=False, family="kernel", shared_qk=False, lse=False)
+
+register(
+    "linear", causal=True, time="O(N·D·Dv)", memory="O(N·D + (N/chunk)·D·Dv)",
+    flops=_linear_flops, flops_formula=_PATH_FORMULA + ", M = D", options={"chunk": 64},
+    description="Katharopoulos et al. linear attention, phi(x) = elu(x)+1; causal by chunked prefix sums",
+    **_COMMON,
+)(linear_attention)
+
+register(
+    "taylor", causal=True, time="O(N·D·Dv)", memory="O(N·D + (N/chunk)·D·Dv)",
+    flops=_taylor_flops, flops_formula=_PATH_FORMULA + ", M = D+1", options={"chunk": 64},
+    description="Li et al. first-order Taylor attention, kernel 1 + q̂·k̂ with L2-normalized q, k",
+    **_COMMON,
+)(taylor_attention)
+
+register(
+    "efficient", causal=False, time="O(N·D·Dv)", memory="O(N·D + D·Dv)",
+    flops=_efficient_flops, flops_formula=_PATH_FORMULA + ", M = D (non-causal)", options={},
+    description="Shen et al. efficient attention: softmax_features(Q)·(softmax_positions(K)ᵀ·V)",
+    causal_error=("Its key softmax normalizes over all positions, so every key feature "
+                  "depends on future keys."),
+    **_COMMON,
+)(efficient_attention)
+
+register(
+    "performer", causal=True, time="O(N·M·(D+Dv))", memory="O(N·M + (N/chunk)·M·Dv)",
+    flops=_performer_flops,
+    flops_formula="2·B·H·(Nq+Nk)·m·D + " + _PATH_FORMULA + ", M = m (trig: 2m)",
+    options={"n_features": 256, "kernel": "softmax", "redraw": False, "seed": 0,
+             "generator": None, "projection": None, "chunk": 64},
+    description="Performer FAVOR+: positive orthogonal random features (or trig RFF) approximating softmax",
+    random=True, **_COMMON,
+)(performer_attention)

@@ -1,0 +1,303 @@
+"""Low-rank attention: ``linformer`` (learned sequence projections) and ``nystrom``
+(Nyströmformer: landmark Nyström approximation of the softmax matrix).
+
+Neither can be causal: both mix positions along the sequence (Linformer's projection of
+keys/values, Nyström's segment-mean landmarks) before a query ever looks at them, so
+every output would depend on future tokens.  Padded keys are zeroed before any mixing,
+so their content never matters, and projected keys / landmarks that contain no real
+token are excluded from the softmaxes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effattn.api import prepare, register, spec
+from effattn.softmax import softmax_lse, stat_dtype
+
+__all__ = [
+    "linformer_attention", "LinformerAttention", "nystrom_attention", "NystromAttention",
+    "segment_means", "iterative_pinv",
+]
+
+
+def _zero_padded(x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [B, H, N, ·]`` with padded tokens' rows set to zero."""
+    if padding_mask is None:
+        return x
+    return x.masked_fill(~padding_mask[:, None, :, None], 0.0)
+
+
+def _positive_int(name: str, val) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    return val
+
+
+# --------------------------------------------------------------------------- Linformer
+
+LINFORMER_CAUSAL_ERROR = (
+    "Linformer projects keys and values along the sequence (E·K, F·V), so every projected "
+    "key mixes all positions and the future would leak into the past."
+)
+
+
+def linformer_attention(q, k, v, *, causal=False, padding_mask=None, scale, return_lse=False,
+                        shared_qk=False, E, F=None):
+    """Linformer: ``softmax(Q (E K)^T scale) (F V)`` with ``E, F [k, max_len]`` sliced to the
+    first ``Nk`` columns.
+
+    ``q [B,H,Nq,D]``, ``k [B,H,Nk,D]``, ``v [B,H,Nk,Dv]``, ``E``/``F`` ``[k, L >= Nk]``
+    (``F=None``: ``F = E``) -> ``(out [B,H,Nq,Dv], lse [B,H,Nq] or None)``; ``lse`` is the
+    log-sum-exp over the ``k`` projected keys.  Padded keys are zeroed before projection;
+    a projected key whose ``E`` row touches no real key is excluded (so identity
+    projections reproduce exact attention with padding); a batch row without real keys
+    outputs zeros and ``lse = -inf``.
+    """
+    if causal:
+        raise ValueError(f"causal: {LINFORMER_CAUSAL_ERROR}")
+    F_ = E if F is None else F
+    Nk = k.shape[2]
+    for name, P in (("E", E), ("F", F_)):
+        if not isinstance(P, torch.Tensor) or P.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor [k, max_len]")
+        if P.shape[1] < Nk:
+            raise ValueError(f"{name}: sequence length {Nk} exceeds max_len {P.shape[1]}")
+    if F_.shape[0] != E.shape[0]:
+        raise ValueError(f"F: expected {E.shape[0]} rows like E, got {F_.shape[0]}")
+    cdt = stat_dtype(q.dtype)
+    e = E[:, :Nk].to(device=q.device, dtype=cdt)
+    f = F_[:, :Nk].to(device=q.device, dtype=cdt)
+    kp = torch.einsum("rn,bhnd->bhrd", e, _zero_padded(k.to(cdt), padding_mask))
+    vp = torch.einsum("rn,bhnd->bhrd", f, _zero_padded(v.to(cdt), padding_mask))
+    s = torch.matmul(q.to(cdt), kp.transpose(-1, -2)) * scale  # [B, H, Nq, k]
+    if padding_mask is not None:
+        touches = torch.matmul(padding_mask.to(cdt), e.detach().abs().T) > 0  # [B, k]
+        s = s.masked_fill(~touches[:, None, None, :], float("-inf"))
+    probs, lse = softmax_lse(s)
+    out = torch.matmul(probs, vp).to(q.dtype)
+    return out, (lse if return_lse else None)
+
+
+class LinformerAttention(nn.Module):
+    """Linformer attention with learned projections ``E`` (and ``F`` unless ``share_kv``)
+    of shape ``[k, max_len]``, initialized like ``nn.Linear(max_len, k)``
+    (``U(±1/sqrt(max_len))``; ``seed`` makes the init reproducible).
+
+    ``forward(q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False)``
+    with the shapes of :func:`effattn.attention`; sequences up to ``max_len``.
+    """
+
+    def __init__(self, k: int = 256, max_len: int = 4096, share_kv: bool = False,
+                 seed: Optional[int] = None):
+        super().__init__()
+        _positive_int("k", k)
+        _positive_int("max_len", max_len)
+        if not isinstance(share_kv, bool):
+            raise TypeError(f"share_kv: expected bool, got {type(share_kv).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        self.k, self.max_len, self.share_kv = k, max_len, share_kv
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        bound = 1.0 / math.sqrt(max_len)
+
+        def init():
+            return (torch.rand(k, max_len, generator=g) * 2 - 1) * bound
+
+        self.E = nn.Parameter(init())
+        self.F = None if share_kv else nn.Parameter(init())
+
+    def forward(self, q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False):
+        s = spec("linformer")
+        k, scale, shared = prepare(s, q, k, v, causal=causal, padding_mask=padding_mask,
+                                   scale=scale, return_lse=return_lse)
+        if k.shape[2] > self.max_len:
+            raise ValueError(f"k: sequence length {k.shape[2]} exceeds max_len={self.max_len}")
+        out, lse = linformer_attention(q, k, v, padding_mask=padding_mask, scale=scale,
+                                       return_lse=return_lse, shared_qk=shared, E=self.E, F=self.F)
+        return (out, lse) if return_lse else out
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, max_len={self.max_len}, share_kv={self.share_kv}"
+
+
+def _linformer_flops(B, H, Nq, Nk, D, Dv, causal=False, k=256, **_):
+    r = min(k, Nk) if k else Nk
+    return 2.0 * B * H * (r * Nk * (D + Dv) + Nq * r * (D + Dv))
+
+
+register(
+    "linformer", exact=False, causal=False, time="O(N·k·D)", memory="O(N·k + k·D)",
+    flops=_linformer_flops, flops_formula="2·B·H·(k·Nk·(D+Dv) + Nq·k·(D+Dv))",
+    options={"k": 256, "max_len": 4096, "share_kv": False, "seed": None}, family="lowrank",
+    description="Linformer: learned projections E, F [k, max_len] compress keys/values along the sequence",
+    shared_qk=False, lse=True, module=LinformerAttention, causal_error=LINFORMER_CAUSAL_ERROR,
+)(linformer_attention)
+
+
+# --------------------------------------------------------------------------- Nyström
+
+NYSTROM_CAUSAL_ERROR = (
+    "Nyströmformer's landmarks are segment means over the sequence, so each landmark "
+    "mixes future tokens into every query's output."
+)
+
+
+def segment_means(x: torch.Tensor, n_segments: int, valid: Optional[torch.Tensor]):
+    """Means of ``x [B, H, N, D]`` over ``n_segments <= N`` contiguous segments (position
+    n is in segment ``floor(n * n_segments / N)``, so sizes differ by at most one),
+    counting only real tokens (``valid`` bool ``[B, N]`` or None).
+
+    Returns ``(means [B, H, S, D], nonempty bool [B|1, S])``; an all-padding segment's
+    mean is zero and ``nonempty`` False there.
+    """
+    N = x.shape[2]
+    seg = torch.arange(N, device=x.device) * n_segments // N
+    P = F.one_hot(seg, n_segments).T.to(x.dtype)[None]  # [1, S, N]
+    if valid is not None:
+        P = P * valid[:, None, :].to(x.dtype)
+    cnt = P.sum(-1)  # [B|1, S]
+    P = P / cnt.clamp_min(1.0)[..., None]
+    return torch.einsum("bsn,bhnd->bhsd", P, x), cnt > 0
+
+
+def iterative_pinv(K: torch.Tensor, iters: int) -> torch.Tensor:
+    """Nyströmformer's Moore–Penrose iteration for ``K [..., L, L]``:
+    ``Z0 = K^T / (max_j sum_i |K_ij| · max_i sum_j |K_ij|)``, then ``iters`` times
+    ``Z <- Z (13 I - K Z (15 I - K Z (7 I - K Z))) / 4``.  The normalizer is per matrix
+    (the reference code takes one max over the whole batch).  An all-zero ``K`` gives
+    ``Z = 0``."""
+    a = K.abs()
+    norm = a.sum(-2).amax(-1) * a.sum(-1).amax(-1)
+    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    Z = K.transpose(-1, -2) / norm[..., None, None]
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    for _ in range(iters):
+        KZ = torch.matmul(K, Z)
+        Z = 0.25 * torch.matmul(Z, 13 * eye - torch.matmul(KZ, 15 * eye - torch.matmul(KZ, 7 * eye - KZ)))
+    return Z
+
+
+def _check_conv_weight(w, H: int) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError("conv_weight: expected a floating tensor [H, kernel] or [kernel]")
+    if w.dim() == 1:
+        w = w[None].expand(H, -1)
+    if w.dim() != 2 or w.shape[0] != H:
+        raise ValueError(f"conv_weight: expected shape [H={H}, kernel] or [kernel], got {tuple(w.shape)}")
+    if w.shape[1] % 2 == 0:
+        raise ValueError(f"conv_weight: kernel size must be odd, got {w.shape[1]}")
+    return w
+
+
+def nystrom_attention(q, k, v, *, causal=False, padding_mask=None, scale, return_lse=False,
+                      shared_qk=False, n_landmarks=64, pinv_iters=6, conv_weight=None):
+    """Nyströmformer: ``softmax(Q K̃^T) pinv(softmax(Q̃ K̃^T)) softmax(Q̃ K^T) V`` with
+    segment-mean landmarks ``Q̃, K̃`` (``min(n_landmarks, Nq, Nk)`` of them), scores
+    scaled by ``scale``.
+
+    ``q [B,H,Nq,D]``, ``k [B,H,Nk,D]``, ``v [B,H,Nk,Dv]`` -> ``(out [B,H,Nq,Dv], None)``.
+    Landmarks average real tokens only (query landmarks use the padding mask when
+    ``Nq == Nk``, i.e. self-attention); empty landmarks are excluded.  ``conv_weight``
+    (``[H, kernel]`` or ``[kernel]``, odd kernel; None = off) adds the paper's depthwise
+    convolution of ``V`` along the sequence as a fixed kernel (:class:`NystromAttention`
+    learns it); it needs ``Nq == Nk``.
+    """
+    if causal:
+        raise ValueError(f"causal: {NYSTROM_CAUSAL_ERROR}")
+    _positive_int("n_landmarks", n_landmarks)
+    if isinstance(pinv_iters, bool) or not isinstance(pinv_iters, int) or pinv_iters < 0:
+        raise ValueError(f"pinv_iters: expected a non-negative int, got {pinv_iters!r}")
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if conv_weight is not None:
+        conv_weight = _check_conv_weight(conv_weight, H)
+        if Nq != Nk:
+            raise ValueError(f"conv_weight: the value convolution needs Nq == Nk, got {Nq} and {Nk}")
+    cdt = stat_dtype(q.dtype)
+    r = math.sqrt(scale)
+    qs = q.to(cdt) * r
+    ks = _zero_padded(k.to(cdt), padding_mask) * r
+    vs = _zero_padded(v.to(cdt), padding_mask)
+    L = min(n_landmarks, Nq, Nk)
+    q_valid = padding_mask if (padding_mask is not None and Nq == Nk) else None
+    ql, q_ne = segment_means(qs, L, q_valid)
+    kl, k_ne = segment_means(ks, L, padding_mask)
+    k_cols = k_ne[:, None, None, :]  # [B|1, 1, 1, L]
+    k1, _ = softmax_lse(torch.matmul(qs, kl.transpose(-1, -2)).masked_fill(~k_cols, float("-inf")))
+    k2, _ = softmax_lse(torch.matmul(ql, kl.transpose(-1, -2)).masked_fill(~k_cols, float("-inf")))
+    s3 = torch.matmul(ql, ks.transpose(-1, -2))  # [B, H, L, Nk]
+    if padding_mask is not None:
+        s3 = s3.masked_fill(~padding_mask[:, None, None, :], float("-inf"))
+    k3, _ = softmax_lse(s3)
+    q_rows = q_ne[:, None, :, None].to(cdt)  # empty query landmarks contribute nothing
+    k2 = k2 * q_rows
+    k3 = k3 * q_rows
+    out = torch.matmul(k1, torch.matmul(iterative_pinv(k2, pinv_iters), torch.matmul(k3, vs)))
+    if conv_weight is not None:
+        ks_ = conv_weight.shape[1]
+        w = conv_weight.to(device=q.device, dtype=cdt)[:, None, :, None]  # [H, 1, ks, 1]
+        out = out + F.conv2d(vs, w, padding=(ks_ // 2, 0), groups=H)
+    return out.to(q.dtype), None
+
+
+class NystromAttention(nn.Module):
+    """Nyströmformer with its learned depthwise value convolution (``conv_kernel`` odd,
+    one ``[conv_kernel]`` filter per head; ``None`` = no convolution, and then this equals
+    ``effattn.get("nystrom", ...)``).
+
+    ``forward(q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False)``;
+    ``q``/``v`` must have ``num_heads`` heads when the convolution is on.
+    """
+
+    def __init__(self, n_landmarks: int = 64, pinv_iters: int = 6,
+                 conv_kernel: Optional[int] = None, num_heads: Optional[int] = None):
+        super().__init__()
+        _positive_int("n_landmarks", n_landmarks)
+        if isinstance(pinv_iters, bool) or not isinstance(pinv_iters, int) or pinv_iters < 0:
+            raise ValueError(f"pinv_iters: expected a non-negative int, got {pinv_iters!r}")
+        self.n_landmarks, self.pinv_iters = n_landmarks, pinv_iters
+        self.conv = None
+        if conv_kernel is not None:
+            _positive_int("conv_kernel", conv_kernel)
+            if conv_kernel % 2 == 0:
+                raise ValueError(f"conv_kernel: must be odd, got {conv_kernel}")
+            _positive_int("num_heads", num_heads)
+            bound = 1.0 / math.sqrt(conv_kernel)  # nn.Conv2d's default fan-in bound
+            self.conv = nn.Parameter((torch.rand(num_heads, conv_kernel) * 2 - 1) * bound)
+
+    def forward(self, q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False):
+        s = spec("nystrom")
+        k, scale, shared = prepare(s, q, k, v, causal=causal, padding_mask=padding_mask,
+                                   scale=scale, return_lse=return_lse)
+        out, _ = nystrom_attention(q, k, v, padding_mask=padding_mask, scale=scale,
+                                   shared_qk=shared, n_landmarks=self.n_landmarks,
+                                   pinv_iters=self.pinv_iters, conv_weight=self.conv)
+        return out
+
+
+def _nystrom_flops(B, H, Nq, Nk, D, Dv, causal=False, n_landmarks=64, pinv_iters=6,
+                   conv_weight=None, **_):
+    L = min(n_landmarks, Nq, Nk)
+    f = (Nq + Nk) * L * D / 2  # landmark pooling (one add per element, as multiply-adds / 2)
+    f += Nq * L * D + L * L * D + L * Nk * D  # the three score matrices
+    f += pinv_iters * 4 * L ** 3  # four L x L products per iteration
+    f += L * Nk * Dv + L * L * Dv + Nq * L * Dv  # K3·V, Z·(.), K1·(.)
+    if conv_weight is not None:
+        f += Nq * Dv * conv_weight.shape[-1]
+    return 2.0 * B * H * f
+
+
+register(
+    "nystrom", exact=False, causal=False, time="O(N·m·D + m³·iters)", memory="O(N·m + m²)",
+    flops=_nystrom_flops,
+    flops_formula="2·B·H·(m·(Nq+Nk)·D + m²·D + 4·iters·m³ + m·(Nq+Nk)·Dv + m²·Dv), m = landmarks",
+    options={"n_landmarks": 64, "pinv_iters": 6, "conv_weight": None}, family="lowrank",
+    description="Nyströmformer: segment-mean landmarks and an iterative pseudo-inverse approximate softmax",
+    shared_qk=False, lse=False, causal_error=NYSTROM_CAUSAL_ERROR,
+)(nystrom_attention)
