@@ -15,7 +15,8 @@ only the first blocks, plus the usual ``j <= i`` inside blocks.
 
 ETC-style extra global tokens: ``global_qkv=(gq, gk, gv)`` (``[B|1, H, g, D]`` /
 ``[.., g, Dv]``) adds g keys every token sees (with ``causal`` they act as a prefix before
-position 0: they are inputs, not sequence tokens); the output keeps the N real rows.
+position 0: they are inputs, not sequence tokens; a sequence whose ``padding_mask`` is all
+False has none, so its rows stay empty); the output keeps the N real rows.
 :class:`BigBirdETC` (``effattn.get("bigbird_etc", extra_global_tokens=g, heads=H, dim=D)``)
 learns ``gq, gk, gv`` and also returns the global tokens' own outputs on request.
 
@@ -160,8 +161,10 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
     lse = torch.cat([p[2] for p in pieces], 2)
     if extra is not None:
         _, gk, gv = (t.to(cdt).expand(B, -1, -1, -1) for t in extra)
+        # a sequence with no real token has no global summary either: its rows stay empty
+        ev = None if padding_mask is None else padding_mask.any(1)[:, None, None].expand(B, 1, gk.shape[2])
         eo, el = block_sparse_attention(q, gk, gv, None, block_q=bs, block_k=max(1, min(bs, gk.shape[2])),
-                                        scale=scale)
+                                        scale=scale, k_valid=ev)
         out, lse = merge_parts((out, lse), (eo, el))
     return out.to(dtype), lse
 
@@ -210,31 +213,55 @@ class BigBirdETC(nn.Module):
     :meth:`global_outputs` gives the global tokens' own outputs ``[B, H, g, Dv]``.
     """
 
-    def __init__(self, extra_global_tokens: int, heads: int, dim: int, dim_v: Optional[int] = None,
-                 block_size: int = 64, n_window_blocks: int = 3, n_global_blocks: int = 1,
-                 n_random_blocks: int = 3, seed: int = 0):
+    def __init__(self, extra_global_tokens: int = 2, heads: Optional[int] = None,
+                 dim: Optional[int] = None, dim_v: Optional[int] = None, block_size: int = 64,
+                 n_window_blocks: int = 3, n_global_blocks: int = 1, n_random_blocks: int = 3,
+                 seed: int = 0):
         super().__init__()
-        check_int("extra_global_tokens", extra_global_tokens, 1)
-        check_int("heads", heads, 1)
-        check_int("dim", dim, 1)
-        dim_v = dim if dim_v is None else check_int("dim_v", dim_v, 1)
+        self.g = check_int("extra_global_tokens", extra_global_tokens, 1)
+        for name, val in (("heads", heads), ("dim", dim), ("dim_v", dim_v)):
+            if val is not None:
+                check_int(name, val, 1)
         _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed)
-        g = extra_global_tokens
-        self.gq = nn.Parameter(torch.randn(heads, g, dim) * dim ** -0.5)
-        self.gk = nn.Parameter(torch.randn(heads, g, dim) * dim ** -0.5)
-        self.gv = nn.Parameter(torch.randn(heads, g, dim_v) * dim_v ** -0.5)
+        self.gq = nn.parameter.UninitializedParameter()
+        self.gk = nn.parameter.UninitializedParameter()
+        self.gv = nn.parameter.UninitializedParameter()
+        if heads is not None and dim is not None:
+            self._materialize(heads, dim, dim if dim_v is None else dim_v)
+        self.shape = (heads, dim, dim_v)
         self.options = dict(block_size=block_size, n_window_blocks=n_window_blocks,
                             n_global_blocks=n_global_blocks, n_random_blocks=n_random_blocks, seed=seed)
 
-    def _qkv(self, dtype):
-        return tuple(t.to(dtype) for t in (self.gq, self.gk, self.gv))
+    def _materialize(self, H: int, D: int, Dv: int) -> None:
+        """Create ``gq, gk [H, g, D]``, ``gv [H, g, Dv]`` (``N(0, 1/D)``) if not yet there."""
+        if not isinstance(self.gq, nn.parameter.UninitializedParameter):
+            return
+        with torch.no_grad():
+            for name, last in (("gq", D), ("gk", D), ("gv", Dv)):
+                p = getattr(self, name)
+                p.materialize((H, self.g, last))
+                p.normal_(0.0, last ** -0.5)
+
+    def _qkv(self, q, v):
+        """The global q/k/v for inputs ``q [B,H,N,D]``, ``v [..,Dv]`` (created on first use when
+        ``heads``/``dim`` were not given; shape mismatches raise ``ValueError``)."""
+        H, D, Dv = q.shape[1], q.shape[3], v.shape[3]
+        want = tuple(x for x in self.shape)
+        for name, got, exp in (("heads", H, want[0]), ("dim", D, want[1]), ("dim_v", Dv, want[2])):
+            if exp is not None and got != exp:
+                raise ValueError(f"{name}: module built for {exp}, input has {got}")
+        self._materialize(H, D, Dv)
+        if self.gq.shape != (H, self.g, D) or self.gv.shape != (H, self.g, Dv):
+            raise ValueError(f"q/v: global tokens are {tuple(self.gq.shape)} / {tuple(self.gv.shape)}, "
+                             f"input has H={H}, D={D}, Dv={Dv}")
+        return tuple(t.to(q.dtype) for t in (self.gq, self.gk, self.gv))
 
     def forward(self, q, k, v, *, causal=False, padding_mask=None, scale=None, return_lse=False):
         s = spec("bigbird_etc")
         k, scale, shared = prepare(s, q, k, v, causal=causal, padding_mask=padding_mask,
                                    scale=scale, return_lse=return_lse)
         out, lse = bigbird(q, k, v, causal=causal, padding_mask=padding_mask, scale=scale,
-                           return_lse=return_lse, shared_qk=shared, global_qkv=self._qkv(q.dtype),
+                           return_lse=return_lse, shared_qk=shared, global_qkv=self._qkv(q, v),
                            **self.options)
         return (out, lse) if return_lse else out
 
@@ -242,7 +269,7 @@ class BigBirdETC(nn.Module):
         """Outputs of the global tokens ``[B, H, g, Dv]``: each global query over the N real
         keys ``k [B, H, N, D]`` / ``v [B, H, N, Dv]`` (padding masked) and the global keys."""
         B = k.shape[0]
-        gq, gk, gv = (t[None].expand(B, -1, -1, -1) for t in self._qkv(k.dtype))
+        gq, gk, gv = (t[None].expand(B, -1, -1, -1) for t in self._qkv(k, v))
         scale = gq.shape[-1] ** -0.5 if scale is None else scale
         valid = None
         if padding_mask is not None:
@@ -256,7 +283,7 @@ class BigBirdETC(nn.Module):
 register(
     "bigbird_etc", exact=False, causal=True, time="O(N·(w + g + r)·b·D)", memory="O(N·D)",
     flops=bigbird_flops, flops_formula=_BIGBIRD_FORMULA,
-    options={"extra_global_tokens": 2, "heads": None, "dim": None, "dim_v": None,
+    options={"extra_global_tokens": 2, "heads": None, "dim": None, "dim_v": None,  # None: from input
              **{k_: v_ for k_, v_ in BIGBIRD_OPTIONS.items() if k_ != "global_qkv"}},
     family="bigbird", random=True, module=BigBirdETC,
     description="BigBird-ETC: BigBird plus learned extra global tokens (an nn.Module via effattn.get)",
