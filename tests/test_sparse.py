@@ -1,0 +1,151 @@
+"""``sparse_strided`` / ``sparse_fixed`` against dense references built from the paper's
+definitions (Child et al. 2019, section 4.2), in float64."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import effattn
+from effattn.api import shared_qk_keys
+from effattn.mechanisms._layout import pattern_reference
+from tests.helpers import finite_lse, rand_qkv, random_padding
+
+
+def strided_parts(N, l):
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    return (i - j).abs() < l, (i - j) % l == 0
+
+
+def fixed_parts(N, l, c):
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    return i // l == j // l, (j % l >= l - c).expand(N, N)
+
+
+def allowed(parts, H, per_head):
+    a1, a2 = parts
+    if per_head:
+        return torch.stack([a1 if h % 2 == 0 else a2 for h in range(H)])[None]
+    return a1 | a2
+
+
+def small(method, **opts):
+    """Options for small inputs: the fixed pattern also gets one summary position."""
+    return {**opts, "summary": 1} if method == "sparse_fixed" else opts
+
+
+def reference(q, k, v, allow, causal, pm, shared):
+    kr = shared_qk_keys(q) if shared else k
+    return pattern_reference(q, kr, v, allow, causal=causal, padding_mask=pm,
+                             scale=q.shape[-1] ** -0.5, shared_qk=shared)
+
+
+@given(method=st.sampled_from(["sparse_strided", "sparse_fixed"]), N=st.integers(1, 50),
+       stride=st.integers(1, 9), summary=st.integers(1, 9), block=st.sampled_from([1, 3, 4, 8, 16]),
+       causal=st.booleans(), shared=st.booleans(), pad=st.booleans(), per_head=st.booleans(),
+       seed=st.integers(0, 99))
+def test_matches_paper_definition(method, N, stride, summary, block, causal, shared, pad, per_head, seed):
+    B, H = 2, 3
+    summary = min(summary, stride)
+    q, k, v = rand_qkv(B, H, N, D=4, Dv=3, seed=seed)
+    pm = random_padding(B, N, seed=seed) if pad else None
+    opts = dict(stride=stride, block_size=block, per_head=per_head)
+    if method == "sparse_fixed":
+        opts["summary"] = summary
+        parts = fixed_parts(N, stride, summary)
+    else:
+        parts = strided_parts(N, stride)
+    out, lse = effattn.attention(q, None if shared else k, v, method, causal=causal, padding_mask=pm,
+                                 return_lse=True, **opts)
+    ref, ref_lse = reference(q, k, v, allowed(parts, H, per_head), causal, pm, shared)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("method, opts", [
+    ("sparse_fixed", dict(stride=64, summary=1)),     # one block of l covers the sequence
+    ("sparse_strided", dict(stride=64)),              # previous l positions cover it
+    ("sparse_strided", dict(stride=1)),               # every position is a multiple of 1
+])
+def test_pattern_covering_everything_is_exact(method, opts, causal):
+    q, k, v = rand_qkv(2, 2, 41, D=8, seed=1)
+    pm = random_padding(2, 41, seed=1)
+    out = effattn.attention(q, k, v, method, causal=causal, padding_mask=pm, block_size=8, **opts)
+    ref = effattn.attention(q, k, v, "naive", causal=causal, padding_mask=pm)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
+def test_causal_no_leak_including_gradients(method):
+    N, i = 31, 13
+    q, k, v = rand_qkv(1, 2, N, D=4, seed=2, grad=True)
+    opts = small(method, stride=4, block_size=4)
+    out = effattn.attention(q, k, v, method, causal=True, **opts)
+    for g in torch.autograd.grad(out[:, :, i].sum(), (q, k, v)):
+        assert torch.all(g[:, :, i + 1:] == 0)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[:, :, i + 1:] = torch.randn_like(t[:, :, i + 1:])
+    out2 = effattn.attention(q2, k2, v2, method, causal=True, **opts)
+    assert torch.equal(out2[:, :, : i + 1], out.detach()[:, :, : i + 1])
+
+
+@pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
+def test_padding_invariance_and_empty_rows(method):
+    q, k, v = rand_qkv(2, 2, 24, D=4, seed=3, grad=True)
+    pm = torch.ones(2, 24, dtype=torch.bool)
+    pm[0, 17:] = False
+    pm[1] = False
+    out, lse = effattn.attention(q, k, v, method, padding_mask=pm, return_lse=True, **small(method, stride=5, block_size=4))
+    short = effattn.attention(q[:1, :, :17], k[:1, :, :17], v[:1, :, :17], method, **small(method, stride=5, block_size=4))
+    # rows < 17 of the padded sequence see exactly the real keys of the short one
+    torch.testing.assert_close(out[:1, :, :17], short, atol=1e-12, rtol=1e-12)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    (out.sum() + finite_lse(lse).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gradcheck(method, per_head):
+    q, k, v = rand_qkv(1, 2, 10, D=3, seed=4, grad=True)
+    pm = random_padding(1, 10, seed=4)
+
+    def f(q, k, v):
+        o, l = effattn.attention(q, k, v, method, causal=True, padding_mask=pm, return_lse=True,
+                                 **small(method, stride=3, block_size=4, per_head=per_head))
+        return o, finite_lse(l)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
+def test_bf16_large_norm_finite(method):
+    q, k, v = rand_qkv(1, 2, 300, D=16, dtype=torch.bfloat16, seed=5)
+    out = effattn.attention(q * 300, k * 300, v, method, causal=True, stride=16)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_flops_count_the_sparse_work():
+    f = effattn.api.spec("sparse_strided").flops
+    dense = effattn.api.spec("naive").flops(1, 1, 4096, 4096, 64, 64)
+    assert f(1, 1, 4096, 4096, 64, 64, stride=64, block_size=64) < dense / 8
+    g = effattn.api.spec("sparse_fixed").flops
+    assert g(1, 1, 4096, 4096, 64, 64, stride=64, summary=4, block_size=64) < dense / 4
+
+
+@pytest.mark.parametrize("method, opts, match", [
+    ("sparse_strided", dict(stride=0), "stride"), ("sparse_strided", dict(block_size=0), "block_size"),
+    ("sparse_strided", dict(per_head=1), "per_head"), ("sparse_fixed", dict(stride=4, summary=5), "summary"),
+    ("sparse_fixed", dict(summary=0), "summary"),
+])
+def test_rejects_bad_options(method, opts, match):
+    q, k, v = rand_qkv(1, 1, 12, D=4)
+    with pytest.raises(ValueError, match=match):
+        effattn.attention(q, k, v, method, **opts)
+
+
+def test_rejects_different_key_length():
+    q, k, v = rand_qkv(1, 1, 12, Nk=10, D=4)
+    with pytest.raises(ValueError, match="Nk"):
+        effattn.attention(q, k, v, "sparse_strided", stride=3)
