@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -37,7 +38,12 @@ class MultiheadAttention(nn.Module):
         if shared_qk and not spec.shared_qk:
             raise ValueError(f"shared_qk: method {method!r} does not support shared-QK")
         self.method_options = dict(method_options)
-        self.attn = effattn.get(method, **method_options)
+        if spec.module is not None:  # learned-parameter methods may need the head geometry
+            accepted = inspect.signature(spec.module).parameters
+            for name, val in (("heads", heads), ("dim", dim_head), ("dim_head", dim_head), ("dim_v", dim_head)):
+                if name in accepted and self.method_options.get(name) is None:
+                    self.method_options[name] = val
+        self.attn = effattn.get(method, **self.method_options)
         self.to_q = nn.Linear(dim, inner, bias=bias)
         self.to_k = None if shared_qk else nn.Linear(dim, inner, bias=bias)
         self.to_v = nn.Linear(dim, inner, bias=bias)
