@@ -204,3 +204,26 @@ def test_window2d_cannot_be_causal():
     q, k, v = rand_qkv(1, 1, 15, D=4)
     with pytest.raises(ValueError, match="causal"):
         effattn.attention(q, k, v, "window2d", causal=True, grid=(3, 5), window=2)
+
+
+@given(N=st.integers(1, 60), window=st.integers(0, 7), block=st.sampled_from([1, 3, 4, 8]),
+       dil=st.sampled_from([[1], [2], [3, 1]]), causal=st.booleans())
+def test_longformer_layout_is_exactly_the_blocks_holding_allowed_pairs(N, window, block, dil, causal):
+    from effattn.mechanisms.window import longformer_layout
+
+    layout = longformer_layout(N, window, torch.tensor(dil), block, causal)[0]
+    allow = longformer_allowed(N, window, dil)[0]
+    if causal:
+        allow = allow & torch.ones(N, N, dtype=torch.bool).tril()
+    nb = -(-N // block)
+    padded = torch.zeros(len(dil), nb * block, nb * block, dtype=torch.bool)
+    padded[:, :N, :N] = allow
+    want = padded.view(len(dil), nb, block, nb, block).any(4).any(2)
+    got = torch.zeros_like(want)
+    for h in range(len(dil)):
+        for a in range(nb):
+            for c in layout[h, a].tolist():
+                if c >= 0:
+                    assert not got[h, a, c], "a key block listed twice"
+                    got[h, a, c] = True
+    assert torch.equal(got, want)
