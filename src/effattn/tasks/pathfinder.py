@@ -38,18 +38,27 @@ def draw_disk(img: np.ndarray, center, radius: float, value: int = INK) -> None:
 
 def random_contour(rng: np.random.Generator, size: int, n_dashes: int, *, dash: float = 2.0,
                    gap: float = 1.5, max_turn: float = math.pi / 5, margin: float = 2.0):
-    """A dashed contour inside the image: list of ``(p0, p1)`` dashes, or None if it left."""
-    pos = rng.uniform(margin, size - 1 - margin, size=2)
+    """A dashed contour inside the image: list of ``(p0, p1)`` dashes, or None if it got stuck.
+
+    Each dash turns by at most ``max_turn`` from the previous one; near the border the turn
+    may grow (up to 4x) to keep the contour inside, as a smooth curve bends away from a wall.
+    """
+    lo, hi = margin, size - 1 - margin
+    pos = rng.uniform(lo, hi, size=2)
     ang = rng.uniform(0, 2 * math.pi)
     dashes = []
     for _ in range(n_dashes):
-        d = np.array([math.sin(ang), math.cos(ang)])
-        end = pos + dash * d
-        if not (margin <= end.min() and end.max() <= size - 1 - margin):
+        for widen in (0, 1, 1, 2, 2, 3, 3, 4, 4):
+            a = ang + (rng.uniform(-max_turn, max_turn) * max(widen, 1) if dashes else 0.0)
+            d = np.array([math.sin(a), math.cos(a)])
+            end = pos + dash * d
+            nxt = end + gap * d
+            if lo <= min(end.min(), nxt.min()) and max(end.max(), nxt.max()) <= hi:
+                break
+        else:
             return None
         dashes.append((pos.copy(), end))
-        pos = end + gap * d
-        ang += rng.uniform(-max_turn, max_turn)
+        pos, ang = nxt, a
     return dashes
 
 

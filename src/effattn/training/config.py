@@ -36,7 +36,7 @@ class TrainConfig:
     reversible: bool = False
     patch: int = 4  # vit only
     window: Optional[int] = None  # vit + window2d only
-    steps: int = 600
+    steps: int = 300
     batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
