@@ -185,13 +185,15 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     parts = []
     for n0 in range(0, N, step):
         xs = x[..., n0:n0 + step, :].to(cdt)
-        if per_head:
-            rv = torch.einsum("...hnd,hdrk->...hrnk", xs, rot)
+        if per_head:  # [..., H, n, D] @ [H, D, R*half]
+            rv = torch.matmul(xs, rot.reshape(rot.shape[0], rot.shape[1], R * half))
         else:
-            rv = torch.einsum("...nd,drk->...rnk", xs, rot)
+            rv = torch.matmul(xs, rot.reshape(rot.shape[0], R * half))
+        rv = rv.view(*rv.shape[:-1], R, half)  # [..., n, R, half]
         pmax, parg = rv.max(-1)
-        nmax, narg = (-rv).max(-1)
-        parts.append(torch.where(pmax >= nmax, parg, narg + half))  # [..., R, n]
+        nmin, narg = rv.min(-1)  # argmax of -xR = first argmin of xR
+        # argmax over concat[xR, -xR]: the first half wins ties
+        parts.append(torch.where(pmax >= -nmin, parg, narg + half).transpose(-1, -2))  # [..., R, n]
     buckets = torch.cat(parts, -1)
     per_round = n_buckets
     if valid is not None:
@@ -255,9 +257,23 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
 
 def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]``."""
-    B, H = x.shape[0], x.shape[1]
-    idx = idx.expand(B, H, idx.shape[-1])
-    return torch.gather(x, 2, idx[..., None].expand(B, H, idx.shape[-1], x.shape[-1]))
+    B, H, N, Fx = x.shape
+    L = idx.shape[-1]
+    base = (torch.arange(B * H, device=x.device) * N).view(B, H, 1)
+    flat = (idx.expand(B, H, L) + base).reshape(-1)
+    # index_select is several times faster than gather with an expanded index
+    return x.reshape(B * H * N, Fx).index_select(0, flat).view(B, H, L, Fx)
+
+
+def _merge_rounds(outs: torch.Tensor, lses: torch.Tensor):
+    """:func:`merge_partials` over dim 0 with rows empty in every part (``lse = -inf``)
+    kept out of its ``logsumexp`` (whose gradient is NaN there): they merge to 0, ``-inf``
+    with zero gradients.  ``outs [P, B, H, N, Dv]``, ``lses [P, B, H, N]``."""
+    empty = torch.isneginf(lses).all(0)
+    if not bool(empty.any()):
+        return merge_partials(outs, lses)
+    out, lse = merge_partials(outs, torch.where(empty, torch.zeros_like(lses), lses))
+    return out, lse.masked_fill(empty, float("-inf"))
 
 
 def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
@@ -322,7 +338,7 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
         if out is None:
             out, lse = o_r, l_r
         else:  # merge as we go (merging is associative): one round's copies alive at a time
-            out, lse = merge_partials(torch.stack([out, o_r]), torch.stack([lse, l_r]))
+            out, lse = _merge_rounds(torch.stack([out, o_r]), torch.stack([lse, l_r]))
         del so, sl, o_r, l_r
     return out, lse, rounds
 
