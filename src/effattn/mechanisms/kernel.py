@@ -447,14 +447,14 @@ _PATH_FORMULA = ("2·B·H·(Nq+Nk)·M·(Dv+1); causal: + 2·B·H·N·chunk·(M+D
 _COMMON = dict(exact=False, family="kernel", shared_qk=False, lse=False)
 
 register(
-    "linear", causal=True, time="O(N·D·Dv)", memory="O(N·D + (N/chunk)·D·Dv)",
+    "linear", causal=True, time="O(N·D·Dv); causal + O(N·chunk·D)", memory="O(N·D + (N/chunk)·D·Dv)",
     flops=_linear_flops, flops_formula=_PATH_FORMULA + ", M = D", options={"chunk": 64},
     description="Katharopoulos et al. linear attention, phi(x) = elu(x)+1; causal by chunked prefix sums",
     **_COMMON,
 )(linear_attention)
 
 register(
-    "taylor", causal=True, time="O(N·D·Dv)", memory="O(N·D + (N/chunk)·D·Dv)",
+    "taylor", causal=True, time="O(N·D·Dv); causal + O(N·chunk·D)", memory="O(N·D + (N/chunk)·D·Dv)",
     flops=_taylor_flops, flops_formula=_PATH_FORMULA + ", M = D+1", options={"chunk": 64},
     description="Li et al. first-order Taylor attention, kernel 1 + q̂·k̂ with L2-normalized q, k",
     **_COMMON,
