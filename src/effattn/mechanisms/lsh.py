@@ -24,7 +24,10 @@ The steps, each a small public function (the seed lab's worked examples exercise
    a window through two different rounds' chunks — as in Trax.
 4. The rounds are undone (``undo_sort``) and merged with weights
    ``exp(lse_r - logsumexp_r lse_r)`` (:func:`effattn.softmax.merge_partials`); the
-   merged lse is what ``return_lse=True`` returns.
+   merged lse ``logsumexp_r lse_r`` (Trax's) is what ``return_lse=True`` returns.  It
+   counts a key once per round and per window chunk holding it: with one chunk covering
+   the sequence and ``n_chunks_before = 0`` (or ``n_hashes = 1``) it is the exact lse plus
+   ``log(n_hashes)``, and ``log 2`` more when the previous round's chunk repeats every key.
 
 Memory is ``O(n_hashes * N * D)``: the engine runs one round at a time (its queries are
 the round's sorted rows, its keys the round's rows plus the adjacent chunks of the
@@ -103,8 +106,9 @@ def resolve_options(D: int, H: int, N: int, *, n_hashes, n_buckets, chunk_len, n
                     n_chunks_after, rotations, seed, device=None):
     """Validate the lsh options; returns ``(rotations, n_hashes, n_buckets)``.
 
-    ``rotations`` comes back as a float32 tensor ``[D, n_hashes, n_buckets // 2]`` or
-    ``[H, D, n_hashes, n_buckets // 2]`` on ``device``.  Bad values raise ``ValueError``
+    ``rotations`` comes back as a tensor ``[D, n_hashes, n_buckets // 2]`` or
+    ``[H, D, n_hashes, n_buckets // 2]`` on ``device`` (drawn from the seed: float32;
+    :func:`hash_vectors` computes in the input's hashing dtype).  Bad values raise ``ValueError``
     naming the option.
     """
     check_int("chunk_len", chunk_len, 1)
@@ -148,7 +152,7 @@ def resolve_options(D: int, H: int, N: int, *, n_hashes, n_buckets, chunk_len, n
         n_hashes, n_buckets = r_hashes, 2 * r_half
     if device is not None:
         rotations = rotations.to(device)
-    return rotations.float(), n_hashes, n_buckets
+    return rotations, n_hashes, n_buckets
 
 
 # ---------------------------------------------------------------- hashing and sorting
@@ -179,9 +183,7 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     rot = rotations.to(device=x.device, dtype=cdt)
     R, half = rot.shape[-2], rot.shape[-1]
     N = x.shape[-2]
-    lead = x.shape[:-2]
-    rows = max(1, math.prod(lead) // (rot.shape[0] if per_head else 1))
-    step = max(1, HASH_SLICE_ELEMENTS // max(1, rows * R * half * (rot.shape[0] if per_head else 1)))
+    step = max(1, HASH_SLICE_ELEMENTS // max(1, math.prod(x.shape[:-2]) * R * half))
     parts = []
     for n0 in range(0, N, step):
         xs = x[..., n0:n0 + step, :].to(cdt)
