@@ -86,7 +86,8 @@ def train_cmd(
     result = train(cfg, resume=resume, prepared=prepared)
     if result["world"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps({"train": result["train"], "val": result["val"],
-                               "wall_s": round(result["wall_s"], 2), "out": cfg.out}))
+                               "wall_s": round(result["wall_s"], 2), "world": result["world"],
+                               "out": cfg.out}))
 
 
 def eval_cmd(
