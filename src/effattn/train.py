@@ -99,8 +99,7 @@ def eval_cmd(
     batch: int = typer.Option(32, help="batch size"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
 ) -> None:
-    """Evaluate a checkpoint, optionally with another attention method or options
-    (e.g. an LSH-trained model with more hash rounds)."""
+    """Evaluate a checkpoint, also with another attention method or more LSH hash rounds."""
     from effattn.training.checkpoint import load_model_state, read_config
     from effattn.training.distributed import DistEnv
     from effattn.training.evaluate import evaluate
