@@ -17,6 +17,20 @@ from typing import Any, Optional
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
 N_PLACEHOLDER = "$N"
+GRID_PLACEHOLDER = "$grid"  # (r, r) with r*r = N; a non-square N is not applicable
+
+
+def resolve_option(value, n: int):
+    """An option value with the placeholders ``"$N"`` (-> ``n``) and ``"$grid"`` (-> ``[r, r]``,
+    ``r = sqrt(n)``) resolved; ``ValueError`` if ``n`` is not a square for ``"$grid"``."""
+    if value == N_PLACEHOLDER:
+        return n
+    if value == GRID_PLACEHOLDER:
+        r = math.isqrt(n)
+        if r * r != n:
+            raise ValueError(f"N={n} is not a square grid (option value \"$grid\")")
+        return [r, r]
+    return value
 
 
 class ConfigError(ValueError):
@@ -32,8 +46,8 @@ class MethodSettings:
     shared_qk: bool = False
 
     def resolved(self, n: int) -> dict:
-        """``options`` with every ``"$N"`` replaced by the sequence length ``n``."""
-        return {k: (n if v == N_PLACEHOLDER else v) for k, v in self.options.items()}
+        """``options`` with the placeholders resolved for sequence length ``n`` (:func:`resolve_option`)."""
+        return {k: resolve_option(v, n) for k, v in self.options.items()}
 
 
 @dataclasses.dataclass

@@ -218,6 +218,8 @@ def _child_main(task: dict, conn) -> None:
         res = _CASES[task["mode"]](task)
     except NotApplicable as e:
         res = {"status": "n/a", "reason": str(e)}
+    except (ValueError, TypeError) as e:  # the contract's argument errors: cannot run this case
+        res = {"status": "n/a", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     except BaseException as e:  # noqa: BLE001 - every failure becomes a recorded status
         if _is_oom(e):
             res = {"status": "oom", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}

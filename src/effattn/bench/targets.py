@@ -36,10 +36,13 @@ class Target:
         return self.name if self.kind == "method" else f"peer:{self.name}"
 
     def resolved_options(self, n: int) -> dict:
-        """Options with ``"$N"`` replaced by ``n``."""
-        from effattn.bench.config import N_PLACEHOLDER
+        """Options with ``"$N"``/``"$grid"`` resolved for ``n``; :class:`NotApplicable` if impossible."""
+        from effattn.bench.config import resolve_option
 
-        return {k: (n if v == N_PLACEHOLDER else v) for k, v in self.options}
+        try:
+            return {k: resolve_option(v, n) for k, v in self.options}
+        except ValueError as e:
+            raise NotApplicable(str(e)) from None
 
 
 def method_target(name: str, settings) -> Target:
