@@ -9,12 +9,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from effattn.cli import app
+import typer
+
+from effattn.train import register
 from effattn.training.config import TrainConfig, build_config, parse_options, parse_value
 from effattn.training.loop import lr_at
 from effattn.training.objective import loss_terms
 
 runner = CliRunner()
+# the train/eval commands on an app of their own (what `effattn` registers through effattn.train)
+app = typer.Typer()
+register(app)
 TINY = ["--task", "duplication", "--length", "16", "--vocab", "8", "--dim", "16", "--heads", "2",
         "--layers", "1", "--batch", "4", "--eval-examples", "8", "--log-every", "2", "--no-progress"]
 
