@@ -71,8 +71,8 @@ def _transformers():
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "effattn.integrations.transformers needs HuggingFace transformers>=4.48: "
-            "pip install 'effattn[hf]'") from e
+            "effattn.integrations.transformers needs HuggingFace transformers with "
+            "AttentionInterface and AttentionMaskInterface (>= 4.53): pip install 'effattn[hf]'") from e
     return AttentionInterface, AttentionMaskInterface, sdpa_mask
 
 
