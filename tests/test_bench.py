@@ -228,3 +228,23 @@ def test_cli_tiny_run(tmp_path):
     assert r.exit_code == 0, r.output
     assert (out / "results.json").exists() and (out / "report.md").exists()
     assert os.path.basename(str(out)) in r.output or "wrote" in r.output
+
+
+def test_missing_peer_is_reported_not_fatal(monkeypatch):
+    from effattn.bench import peers
+    from effattn.bench.runner import build_targets
+
+    fake = peers.Peer("no-such-peer-pkg", "no_such_peer_module_xyz", "full", lambda *a: None, "n/a")
+    monkeypatch.setitem(peers.PEERS, "no-such-peer-pkg", fake)
+    cfg = _tiny_cfg(methods=["full"], peers=True)
+    cfg.peer_names = ["no-such-peer-pkg"]
+    targets, notes = build_targets(cfg, REGISTERED)
+    assert [t.label for t in targets] == ["full"]
+    assert notes and notes[0].startswith("peer no-such-peer-pkg not installed")
+
+
+def test_peer_adapters_document_matched_settings():
+    from effattn.bench.peers import PEERS
+
+    for name, p in PEERS.items():
+        assert p.ours and len(p.matched) > 40, name
