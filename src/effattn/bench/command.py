@@ -102,10 +102,15 @@ def bench(
 
 def register(app: typer.Typer) -> None:
     """Add the ``bench`` group (and its subcommands, where present) to the ``effattn`` app."""
+    before = (list(bench_app.registered_commands), list(bench_app.registered_groups))
     try:
         quality = importlib.import_module("effattn.bench.quality")
         quality.register(bench_app)
+        typer.main.get_command(bench_app)  # a subcommand typer cannot build fails here, not at run
     except ModuleNotFoundError as e:
         if e.name != "effattn.bench.quality":
             raise
+    except Exception as e:  # noqa: BLE001 - a broken optional subcommand must not break `bench`
+        bench_app.registered_commands[:], bench_app.registered_groups[:] = before
+        typer.echo(f"warning: 'effattn bench quality' disabled: {type(e).__name__}: {e}", err=True)
     app.add_typer(bench_app, name="bench")
