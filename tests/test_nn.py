@@ -222,3 +222,24 @@ def test_vit_window2d_stage_runs_and_is_local():
     mha(x)[0, 0].sum().backward()
     touched = (x.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
     assert touched == [r * 8 + c for r in range(4) for c in range(4)]
+
+
+def test_patch_merging_groups_2x2_neighbours():
+    from effattn.nn import PatchMerging
+
+    pm = PatchMerging(1)
+    pm.norm, pm.proj = torch.nn.Identity(), torch.nn.Identity()
+    x = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row-major
+    assert pm(x, (4, 4))[0].tolist() == [[0, 4, 1, 5], [2, 6, 3, 7], [8, 12, 9, 13], [10, 14, 11, 15]]
+
+
+def test_swin_hierarchy_halves_grid_doubles_width():
+    vit = ViT(32, 2, 3, in_channels=1, dim=8, heads=1, method="window2d", window=4, stages=(2, 2, 2))
+    assert vit.encoder.grids == [(16, 16), (8, 8), (4, 4)]
+    assert [s.layers[0].attn_branch.attn.heads for s in vit.encoder.stages] == [1, 2, 4]
+    assert vit.head.in_features == 32
+    out = vit(torch.randn(2, 1, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 3) and all(p.grad is not None for p in vit.parameters())
+    with pytest.raises(ValueError, match="stages"):
+        ViT(16, 4, 3, method="window2d", window=2, stages=(1, 1, 1, 1))

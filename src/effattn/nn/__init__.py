@@ -9,12 +9,13 @@ from effattn.nn.lm import IGNORE_INDEX, CausalLM, next_token_targets
 from effattn.nn.positional import LearnedPositional, Rotary, SinusoidalPositional, sinusoidal_table
 from effattn.nn.reversible import ReversibleBlock, ReversibleSequence
 from effattn.nn.stack import TransformerStack
-from effattn.nn.vit import ViT, swin_layer_options
+from effattn.nn.swin import PatchMerging, SwinStages, swin_layer_options
+from effattn.nn.vit import ViT
 
 __all__ = [
     "MultiheadAttention", "TransformerBlock", "AttentionBranch", "FeedForwardBranch",
     "FeedForward", "ChunkedFeedForward", "LearnedPositional", "SinusoidalPositional", "Rotary",
     "sinusoidal_table", "ReversibleBlock", "ReversibleSequence", "TransformerStack",
     "TokenEmbedding", "EncoderClassifier", "CausalLM", "ViT", "masked_mean",
-    "next_token_targets", "IGNORE_INDEX", "swin_layer_options",
+    "next_token_targets", "IGNORE_INDEX", "swin_layer_options", "PatchMerging", "SwinStages",
 ]
