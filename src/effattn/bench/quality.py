@@ -33,7 +33,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -99,21 +99,21 @@ def build_passages(tokenizer, n_passages: int, max_tokens: int, files: Sequence 
     Every passage of the ``files`` is kept (their last piece may be shorter); pydoc's
     full-length passages fill up to ``n_passages``, evenly spread over the documentation.
     """
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    def ids(texts):
+        return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     passages, sources = [], []
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        for p in split_passages(ids(text), max_tokens, cls_id, sep_id, full_only=False):
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    for f, toks in zip(files, ids(texts) if texts else []):
+        for p in split_passages(toks, max_tokens, cls_id, sep_id, full_only=False):
             passages.append(p)
             sources.append(str(f))
     room = n_passages - len(passages)
     if use_pydoc and room > 0:
         pool = []
-        for text in pydoc_texts():
-            pool.extend(split_passages(ids(text), max_tokens, cls_id, sep_id, full_only=True))
+        for toks in ids(pydoc_texts()):
+            pool.extend(split_passages(toks, max_tokens, cls_id, sep_id, full_only=True))
         if len(pool) > room:
             step = len(pool) / room
             pool = [pool[int(i * step)] for i in range(room)]
@@ -501,8 +501,6 @@ def quality(passages: int = 64, max_tokens: int = 256, batch_size: int = 8,
 
 def register(bench_app) -> None:
     """Add the ``quality`` command to the ``effattn bench`` typer group."""
-    from typing import List
-
     import typer
 
     @bench_app.command("quality")
