@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -100,6 +99,13 @@ def parse_options(items: Optional[list[str]], flag: str) -> dict:
 
 def load_toml(path: str) -> dict:
     """Read a TOML config file; keys are :class:`TrainConfig` fields (tables for the option dicts)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("--config: reading TOML needs Python >= 3.11 or the 'tomli' package") from None
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: no such file {path!r}")
