@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import torch
+import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import effattn
-import typer
-
 from effattn.train import register
 
 app = typer.Typer()
