@@ -131,6 +131,11 @@ def test_lsh_trained_model_evaluates_with_more_hashes(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads(res.output.strip().splitlines()[-1])
     assert rec["method_options"] == {"n_hashes": 4, "chunk_len": 4}
+    # exact attention on the shared-QK architecture (keys = normalized queries, no key projection)
+    res = runner.invoke(app, ["eval", "--checkpoint", str(out / "checkpoint"), "--examples", "8",
+                              "--method", "full"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["method_options"] == {}
 
 
 @pytest.mark.parametrize("args, needle", [

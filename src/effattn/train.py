@@ -115,6 +115,7 @@ def eval_cmd(
         cfg.task_options = dict(saved.get("task", cfg.task_options))
         opts = parse_options(method_opt, "--method-opt")
         swapped = method is not None and method != cfg.method
+        cfg.shared_qk = cfg.resolved_shared_qk()  # the architecture stays: shared-QK has no key projection
         if method is not None:
             if swapped:
                 cfg.method_options = {}
