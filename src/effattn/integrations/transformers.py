@@ -87,7 +87,8 @@ def observe(callback: Callable[..., None]) -> Iterator[None]:
     every effattn attention call inside the ``with`` block.
 
     ``query [B, H, Nq, D]``, ``key``/``value [B, H, Nk, ·]`` (GQA heads already repeated),
-    ``out [B, H, Nq, Dv]``, ``layout`` the :class:`~effattn.integrations.hf_mask.MaskLayout`.
+    ``out [B, H, Nq, Dv]``, ``layout`` the :class:`~effattn.integrations.hf_mask.MaskLayout`
+    (``None`` when ``naive`` honoured an arbitrary boolean mask).
     Used by ``effattn bench quality`` to measure per-layer errors.
     """
     _OBSERVERS.append(callback)
@@ -139,7 +140,7 @@ def run_layout(attend: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     k, v = k[:, :, :layout.n_keys], v[:, :, :layout.n_keys]
     pad = layout.padding_mask
     n_q, n_k = q.shape[2], k.shape[2]
-    if not layout.causal or (exact and layout.sees_every_key(n_q)):
+    if not layout.causal or (exact and layout.sees_every_key()):
         return attend(q, k, v, causal=False, padding_mask=pad)
     o = layout.q_offset
     if o == 0 and n_q == n_k:
