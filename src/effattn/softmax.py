@@ -79,10 +79,19 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0):
 
     ``outs [..., R, ..., N, Dv]`` / ``lses [..., R, ..., N]`` stacked along ``dim``; each
     part is weighted by ``exp(lse_r - logsumexp_r lse_r)``.  Returns ``(out, lse)`` with
-    ``dim`` removed; all-empty rows give 0 and ``-inf``.  Differentiable.
+    ``dim`` removed.  Rows empty in every part (all ``lse = -inf``) give 0 and ``-inf``
+    with zero (not NaN) gradients: they are kept out of the ``logsumexp``, whose gradient
+    is NaN there.  Differentiable.
     """
     d = dim if dim >= 0 else lses.dim() + dim
+    empty = torch.isneginf(lses).all(d, keepdim=True)
+    any_empty = bool(empty.any())
+    if any_empty:
+        lses = lses.masked_fill(empty, 0.0)
     total = torch.logsumexp(lses, dim=d, keepdim=True)
     w = torch.exp(lses - safe_lse(total))
+    if any_empty:
+        w = w.masked_fill(empty, 0.0)
+        total = total.masked_fill(empty, float("-inf"))
     out = (outs * w.unsqueeze(-1).to(outs.dtype)).sum(d)
     return out, total.squeeze(d)

@@ -11,7 +11,10 @@ import copy
 import dataclasses
 import importlib.resources
 import math
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from typing import Any, Optional
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -194,16 +194,9 @@ def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor
 
 def merge_parts(*parts):
     """Merge ``(out [B,H,N,Dv], lse [B,H,N])`` parts over disjoint key sets with
-    :func:`effattn.softmax.merge_partials` (``None`` parts are skipped).
-
-    Rows empty in every part keep output 0 and ``lse = -inf``; their lse is set to 0 before
-    the merge because ``logsumexp`` over all ``-inf`` has a NaN gradient.
-    """
+    :func:`effattn.softmax.merge_partials` (``None`` parts are skipped); rows empty in
+    every part keep output 0 and ``lse = -inf``."""
     parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
-    outs = torch.stack([p[0] for p in parts])
-    lses = torch.stack([p[1] for p in parts])
-    empty = torch.isneginf(lses).all(0)
-    out, lse = merge_partials(outs, lses.masked_fill(empty, 0.0))
-    return out, lse.masked_fill(empty, float("-inf"))
+    return merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))

@@ -267,17 +267,6 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * H * N, Fx).index_select(0, flat).view(B, H, L, Fx)
 
 
-def _merge_rounds(outs: torch.Tensor, lses: torch.Tensor):
-    """:func:`merge_partials` over dim 0 with rows empty in every part (``lse = -inf``)
-    kept out of its ``logsumexp`` (whose gradient is NaN there): they merge to 0, ``-inf``
-    with zero gradients.  ``outs [P, B, H, N, Dv]``, ``lses [P, B, H, N]``."""
-    empty = torch.isneginf(lses).all(0)
-    if not bool(empty.any()):
-        return merge_partials(outs, lses)
-    out, lse = merge_partials(outs, torch.where(empty, torch.zeros_like(lses), lses))
-    return out, lse.masked_fill(empty, float("-inf"))
-
-
 def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
                            n_chunks_before: int, n_chunks_after: int, scale: float,
                            causal: bool = False, exclude_self: bool = False,
@@ -340,7 +329,7 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
         if out is None:
             out, lse = o_r, l_r
         else:  # merge as we go (merging is associative): one round's copies alive at a time
-            out, lse = _merge_rounds(torch.stack([out, o_r]), torch.stack([lse, l_r]))
+            out, lse = merge_partials(torch.stack([out, o_r]), torch.stack([lse, l_r]))
         del so, sl, o_r, l_r
     return out, lse, rounds
 
