@@ -6,6 +6,21 @@
 """
 
 from effattn.api import attention, get, methods
+from effattn.nn import (
+    CausalLM,
+    ChunkedFeedForward,
+    EncoderClassifier,
+    MultiheadAttention,
+    ReversibleBlock,
+    ReversibleSequence,
+    TransformerBlock,
+    TransformerStack,
+    ViT,
+)
 
-__all__ = ["attention", "get", "methods"]
+__all__ = [
+    "attention", "get", "methods",
+    "MultiheadAttention", "TransformerBlock", "ChunkedFeedForward", "ReversibleBlock",
+    "ReversibleSequence", "TransformerStack", "EncoderClassifier", "CausalLM", "ViT",
+]
 __version__ = "0.1.0"
