@@ -124,7 +124,8 @@ def test_tiny_run_writes_results_report_and_plots(tmp_path):
         # at N=64 the default window (256) covers the sequence: both are exact
         assert a["max_rel_err"]["max"] < 1e-5 and a["mean_rel_err"]["max"] <= a["max_rel_err"]["max"]
     recs = data["recommendations"]
-    assert len(recs) == 2 * 3 * 3
+    assert len(recs) == 3 * 2 * 3 * 3  # (gaussian, clustered, worst) x N x budgets x bounds
+    assert {r["family"] for r in recs} == {"gaussian", "clustered", "worst"}
     assert all(r["choice"] in ("full", "longformer") for r in recs)
     report = (out / "report.md").read_text()
     assert "## N = 64" in report and "## Recommendation" in report and "× SDPA" in report

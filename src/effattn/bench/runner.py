@@ -143,10 +143,12 @@ def add_ratios(cases: list) -> None:
             c["ratio_to_sdpa"] = c["time_s"]["median"] / base[c["N"]]
 
 
-def error_for(accuracy: list, label: str, N: int) -> tuple:
-    """``(error, N_acc)``: the worst mean-over-rows relative error (over families and seeds)
-    of ``label`` at the largest accuracy N <= ``N`` (else the smallest); ``(None, None)``."""
-    rows = [a for a in accuracy if a["label"] == label and a["status"] == "ok"]
+def error_for(accuracy: list, label: str, N: int, family: Optional[str] = None) -> tuple:
+    """``(error, N_acc)``: the worst mean-over-rows relative error (over seeds, and over
+    input families unless ``family`` names one) of ``label`` at the largest accuracy
+    N <= ``N`` (else the smallest); ``(None, None)`` when there is none."""
+    rows = [a for a in accuracy if a["label"] == label and a["status"] == "ok"
+            and (family is None or a["family"] == family)]
     ns = sorted({a["N"] for a in rows})
     if not ns:
         return None, None
@@ -156,24 +158,30 @@ def error_for(accuracy: list, label: str, N: int) -> tuple:
     return max(errs), n_acc
 
 
+#: the recommendation's input families: each measured family, and "worst" (all of them)
+WORST = "worst"
+
+
 def recommendations(cfg: BenchConfig, cases: list, accuracy: list) -> list:
-    """For each N, memory budget and error bound: the fastest target (ours or peer) that ran
-    within the budget with error under the bound."""
+    """For each input family (and ``"worst"`` over all), N, memory budget and error bound:
+    the fastest target (ours or peer) that ran within the budget with error under the bound."""
     out = []
-    for N in cfg.lengths:
-        ok = [c for c in cases if c["N"] == N and c["status"] == "ok"]
-        for budget in cfg.budgets_mb:
-            for bound in cfg.error_thresholds:
-                best = None
-                for c in ok:
-                    err, n_acc = error_for(accuracy, c["label"], N)
-                    if err is None or err >= bound or c["peak_mem_bytes"] > budget * 2 ** 20:
-                        continue
-                    if best is None or c["time_s"]["median"] < best["time_s"]:
-                        best = {"label": c["label"], "time_s": c["time_s"]["median"],
-                                "error": err, "error_N": n_acc, "peak_mem_bytes": c["peak_mem_bytes"]}
-                out.append({"N": N, "budget_mb": budget, "max_error": bound,
-                            "choice": best["label"] if best else None, "detail": best})
+    for family in list(cfg.accuracy_families) + [WORST]:
+        fam = None if family == WORST else family
+        for N in cfg.lengths:
+            ok = [c for c in cases if c["N"] == N and c["status"] == "ok"]
+            for budget in cfg.budgets_mb:
+                for bound in cfg.error_thresholds:
+                    best = None
+                    for c in ok:
+                        err, n_acc = error_for(accuracy, c["label"], N, fam)
+                        if err is None or err >= bound or c["peak_mem_bytes"] > budget * 2 ** 20:
+                            continue
+                        if best is None or c["time_s"]["median"] < best["time_s"]:
+                            best = {"label": c["label"], "time_s": c["time_s"]["median"], "error": err,
+                                    "error_N": n_acc, "peak_mem_bytes": c["peak_mem_bytes"]}
+                    out.append({"family": family, "N": N, "budget_mb": budget, "max_error": bound,
+                                "choice": best["label"] if best else None, "detail": best})
     return out
 
 
