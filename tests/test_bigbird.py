@@ -183,3 +183,21 @@ def test_rejects_bad_options(opts, match):
     q, k, v = rand_qkv(1, 2, 12, D=4)
     with pytest.raises(ValueError, match=match):
         effattn.attention(q, k, v, "bigbird", **opts)
+
+
+def test_extra_global_tokens_option_builds_the_learned_etc_module():
+    from effattn.mechanisms.bigbird import BigBirdETC
+
+    mod = effattn.get("bigbird", extra_global_tokens=3, block_size=4, n_random_blocks=1)
+    assert isinstance(mod, BigBirdETC) and mod.g == 3
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    assert mod(q, k, v).shape == (1, 2, 16, 8)
+    # functional form: the tokens' q/k/v must be passed, and their count must agree
+    g = tuple(t.detach() for t in (mod.gq, mod.gk, mod.gv))
+    torch.testing.assert_close(
+        effattn.attention(q, k, v, "bigbird", block_size=4, n_random_blocks=1, global_qkv=g,
+                          extra_global_tokens=3), mod(q, k, v))
+    with pytest.raises(ValueError, match="extra_global_tokens"):
+        effattn.attention(q, k, v, "bigbird", block_size=4, extra_global_tokens=3)
+    with pytest.raises(ValueError, match="extra_global_tokens"):
+        effattn.attention(q, k, v, "bigbird", block_size=4, global_qkv=g, extra_global_tokens=2)

@@ -48,6 +48,9 @@ class MethodSpec:
     random: bool = False
     module: Optional[type] = None
     causal_error: str = ""
+    #: ``(option, method)``: :func:`get` with ``option`` set builds the learned ``method``
+    #: instead (``bigbird`` with ``extra_global_tokens=g`` -> ``bigbird_etc``)
+    learned_variant: Optional[tuple] = None
 
     def info(self) -> dict:
         """A plain-dict summary (what :func:`methods` returns)."""
@@ -294,6 +297,8 @@ class Attention(nn.Module):
 def get(name: str, **options: Any) -> nn.Module:
     """The method ``name`` as an ``nn.Module`` (learned-parameter methods build their own)."""
     s = spec(name)
+    if s.learned_variant is not None and options.get(s.learned_variant[0]) is not None:
+        return get(s.learned_variant[1], **options)
     if s.module is not None:
         sig = inspect.signature(s.module)
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):

@@ -39,7 +39,8 @@ from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import stat_dtype
 
 BIGBIRD_OPTIONS = {"block_size": 64, "n_window_blocks": 3, "n_global_blocks": 1,
-                   "n_random_blocks": 3, "seed": 0, "global_qkv": None}
+                   "n_random_blocks": 3, "seed": 0, "global_qkv": None,
+                   "extra_global_tokens": None}
 
 
 def _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed):
@@ -115,15 +116,28 @@ def _check_global_qkv(global_qkv, B, H, D, Dv):
 
 
 def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, block_size=64,
-            n_window_blocks=3, n_global_blocks=1, n_random_blocks=3, seed=0, global_qkv=None):
+            n_window_blocks=3, n_global_blocks=1, n_random_blocks=3, seed=0, global_qkv=None,
+            extra_global_tokens=None):
     """BigBird attention (ITC, or ETC with ``global_qkv``); see the module docstring.
 
     ``q [B,H,N,D]``, ``k [B,H,N,D]``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])``.
+    ``extra_global_tokens=g`` (ETC) needs the g tokens' q/k/v: pass them as ``global_qkv``
+    or let ``effattn.get("bigbird", extra_global_tokens=g)`` learn them.
     """
     _check(block_size, n_window_blocks, n_global_blocks, n_random_blocks, seed)
     B, H, N, D = q.shape
     check_same_length(q, k, "bigbird")
     extra = _check_global_qkv(global_qkv, B, H, D, v.shape[-1])
+    if extra_global_tokens is not None:
+        check_int("extra_global_tokens", extra_global_tokens, 1)
+        if extra is None:
+            raise ValueError(
+                f"extra_global_tokens: {extra_global_tokens} ETC global tokens need their q/k/v: "
+                "pass global_qkv=(gq, gk, gv), or use effattn.get('bigbird', extra_global_tokens=g), "
+                "a module that learns them")
+        if extra[1].shape[2] != extra_global_tokens:
+            raise ValueError(f"extra_global_tokens: {extra_global_tokens}, but global_qkv holds "
+                             f"{extra[1].shape[2]} tokens")
     dtype = q.dtype
     cdt = stat_dtype(dtype)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
@@ -199,8 +213,8 @@ _BIGBIRD_FORMULA = "2·B·H·(N·(w + g_b + r)·b + 2·g_b·b·N + N·g_extra)·
 register(
     "bigbird", exact=False, causal=True, time="O(N·(w + g + r)·b·D)", memory="O(N·D)",
     flops=bigbird_flops, flops_formula=_BIGBIRD_FORMULA, options=dict(BIGBIRD_OPTIONS),
-    family="bigbird", random=True,
-    description="BigBird: block window + global (ITC; ETC via global_qkv) + seeded random blocks",
+    family="bigbird", random=True, learned_variant=("extra_global_tokens", "bigbird_etc"),
+    description="BigBird: block window + global (ITC; ETC via global_qkv or learned extra_global_tokens) + seeded random blocks",
 )(bigbird)
 
 
@@ -284,7 +298,7 @@ register(
     "bigbird_etc", exact=False, causal=True, time="O(N·(w + g + r)·b·D)", memory="O(N·D)",
     flops=bigbird_flops, flops_formula=_BIGBIRD_FORMULA,
     options={"extra_global_tokens": 2, "heads": None, "dim": None, "dim_v": None,  # None: from input
-             **{k_: v_ for k_, v_ in BIGBIRD_OPTIONS.items() if k_ != "global_qkv"}},
+             **{k_: v_ for k_, v_ in BIGBIRD_OPTIONS.items() if k_ not in ("global_qkv", "extra_global_tokens")}},
     family="bigbird", random=True, module=BigBirdETC,
     description="BigBird-ETC: BigBird plus learned extra global tokens (an nn.Module via effattn.get)",
 )(bigbird)
