@@ -24,6 +24,28 @@ SELF_PENALTY = 1e5
 PairMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def elementwise(rule: PairMask) -> PairMask:
+    """Mark a ``pair_mask`` rule as a pure elementwise function of ``(q_pos, k_pos)``: it
+    broadcasts over any shapes, 0-d tensors included, and does not depend on the batch or
+    head a position belongs to.  Such rules can also run inside FlexAttention's
+    ``mask_mod`` (which passes 0-d positions); unmarked rules keep the engine's own path.
+    Returns ``rule`` itself."""
+    rule.elementwise = True
+    return rule
+
+
+def is_elementwise(rule: Optional[PairMask]) -> bool:
+    """True for no rule or a rule marked with :func:`elementwise`."""
+    return rule is None or bool(getattr(rule, "elementwise", False))
+
+
+def self_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 where a query meets its own key (same original position), else 0, in ``dtype``
+    (broadcast of ``q_pos`` and ``k_pos``); times :data:`SELF_PENALTY` it is the
+    shared-QK self-exclusion penalty."""
+    return (q_pos == k_pos).to(dtype)
+
+
 def allowed_pairs(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
@@ -65,7 +87,7 @@ def apply_masks(
     ``inplace=True`` overwrites ``scores`` (which must already have the full shape).
     """
     if exclude_self:
-        same = (q_pos == k_pos).to(scores.dtype)
+        same = self_pairs(q_pos, k_pos, scores.dtype)
         scores = scores.sub_(same, alpha=SELF_PENALTY) if inplace else scores - SELF_PENALTY * same
     mask = allowed_pairs(q_pos, k_pos, causal=causal, k_valid=k_valid, pair_mask=pair_mask)
     if mask is not None:

@@ -78,7 +78,8 @@ def render(results: dict) -> str:
         "interquartile range; each case in its own subprocess (timeout "
         f"{cfg['timeout']:g} s{', memory cap %g MB' % cfg['max_memory_mb'] if cfg['max_memory_mb'] else ''})",
         "- memory: peak above the process after creating the inputs (CPU: resident-set high-water "
-        "mark; CUDA: max_memory_allocated), over the first call",
+        "mark; CUDA: max_memory_allocated), over the first timed call (after the warm-up, so "
+        "one-time compile costs are not counted; `results.json` keeps each case's `first_call_s`)",
         "- FLOPs: each method's registry formula (forward"
         + (", ×3 for forward+backward" if cfg["backward"] else "") + "); peers use their matched "
         "method's formula; efficiency = achieved FLOP/s ÷ measured matmul rate",

@@ -117,7 +117,10 @@ def causal_blocks(n: int, bq: int, bk: int, qb: torch.Tensor, kb: torch.Tensor) 
 
 
 def per_head(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``x [H]`` viewed to broadcast on dim 1 (heads) of a position tensor ``like``."""
+    """``x [H]`` viewed to broadcast on dim 1 (heads) of a position tensor ``like``; a
+    one-element ``x`` becomes a 0-d tensor (broadcasts with any ``like``, 0-d included)."""
+    if x.numel() == 1:
+        return x.reshape(())
     return x.view(1, -1, *([1] * (like.dim() - 2)))
 
 
@@ -168,14 +171,16 @@ def pattern_reference(q, k, v, allowed: torch.Tensor, *, causal: bool,
 
 def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor, block: int, *,
                              scale: float, causal: bool, exclude_self: bool,
-                             padding_mask: Optional[torch.Tensor], pair_mask=None):
+                             padding_mask: Optional[torch.Tensor], pair_mask=None,
+                             need_lse: bool = True):
     """Engine attention on tokens reordered into *slots* (residue classes, 2-D windows).
 
     ``pos`` long ``[L]``: the original position each slot holds; ``pos >= N`` marks a
     padding slot (each with its own position, never attended).  ``kv_blocks`` and
     ``block`` describe the layout in slot order; every mask rule (causal, padding,
     self-exclusion, ``pair_mask``) sees original positions.  ``q [B,H,N,D]``, ``k``,
-    ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])`` in the original order.
+    ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])`` in the original order (``lse``
+    may be ``None`` with ``need_lse=False``, see :func:`block_sparse_attention`).
     """
     N = q.shape[2]
     real = pos < N
@@ -188,8 +193,9 @@ def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor
     out, lse = block_sparse_attention(
         q.index_select(2, src), k.index_select(2, src), v.index_select(2, src), kv_blocks,
         block_q=block, block_k=block, scale=scale, causal=causal, exclude_self=exclude_self,
-        q_pos=pos[None, None], k_pos=pos[None, None], k_valid=valid[:, None], pair_mask=pair_mask)
-    return out.index_select(2, slot_of), lse.index_select(2, slot_of)
+        q_pos=pos[None, None], k_pos=pos[None, None], k_valid=valid[:, None], pair_mask=pair_mask,
+        need_lse=need_lse)
+    return out.index_select(2, slot_of), None if lse is None else lse.index_select(2, slot_of)
 
 
 def merge_parts(*parts):

@@ -149,7 +149,8 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
                                        n_random_blocks=n_random_blocks, seed=seed,
                                        causal=causal, device=q.device)
     first, mid, last = _row_spans(N, bs, nb, n_global_blocks, causal)
-    run = dict(scale=scale, causal=causal, exclude_self=shared_qk)
+    run = dict(scale=scale, causal=causal, exclude_self=shared_qk,
+               need_lse=return_lse or extra is not None)
     pieces = []
     # global query rows: dense over every key (causal: the first blocks only see the first blocks)
     grows = [r for r in (first, last) if r[1] > r[0]]
@@ -160,8 +161,8 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
             q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, block_q=bs,
             block_k=bs, q_pos=rows[None, None], k_valid=None if kv is None else kv[..., :kend], **run)
         n_first = first[1] - first[0]
-        pieces.append(("first", go[:, :, :n_first], gl[:, :, :n_first]))
-        pieces.append(("last", go[:, :, n_first:], gl[:, :, n_first:]))
+        pieces.append(("first", go[:, :, :n_first], None if gl is None else gl[:, :, :n_first]))
+        pieces.append(("last", go[:, :, n_first:], None if gl is None else gl[:, :, n_first:]))
     if mid[1] > mid[0]:
         qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
         layout = compact_layout(pattern[:, qb0:qb1])[None]
@@ -172,7 +173,7 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
     order = {"first": 0, "mid": 1, "last": 2}
     pieces.sort(key=lambda p: order[p[0]])
     out = torch.cat([p[1] for p in pieces], 2)
-    lse = torch.cat([p[2] for p in pieces], 2)
+    lse = None if any(p[2] is None for p in pieces) else torch.cat([p[2] for p in pieces], 2)
     if extra is not None:
         _, gk, gv = (t.to(cdt).expand(B, -1, -1, -1) for t in extra)
         # a sequence with no real token has no global summary either: its rows stay empty

@@ -13,6 +13,11 @@ causal, key validity (padding), shared-QK self-exclusion and an optional
 ``pair_mask(q_pos, k_pos)`` rule (:mod:`effattn.masks`).  The softmax is an online
 (FlashAttention) softmax in float32 or wider (:mod:`effattn.softmax`).
 
+Where compiled FlexAttention serves a call better (CPU inference, CUDA), the call goes
+to it with the same layout and pair rules (:mod:`effattn.mechanisms._flex`: block masks
+cached per layout, switchable with ``EFFATTN_FLEX`` / ``_flex.flex_mode``); elsewhere
+(CPU training, a requested log-sum-exp on CPU) the engine's own tiles run.
+
 The forward returns ``(out, lse)``; the backward recomputes score tiles from
 ``q, k, v, out, lse`` (FlashAttention-2 style) and also takes a gradient on ``lse``
 (LSH merges rounds through it).  Neither direction ever holds an ``N x N`` tensor:
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.masks import PairMask, apply_masks
+from effattn.mechanisms import _flex
 from effattn.softmax import online_finish, online_init, online_update, safe_lse, softmax_lse_, stat_dtype
 
 #: default number of score elements (all batch/head rows included) per processed group
@@ -307,6 +313,7 @@ def block_sparse_attention(
     tile_budget: int = DEFAULT_TILE_BUDGET,
     group_blocks: Optional[int] = None,
     slot_chunk: Optional[int] = None,
+    need_lse: bool = True,
 ):
     """Attention restricted to a block layout.
 
@@ -324,10 +331,13 @@ def block_sparse_attention(
             allowed); for sparse layouts the position tensors carry a group dim
             ``[.., G, bq, 1]`` / ``[.., G, 1, L]``.
         tile_budget: score elements per processed group (memory/speed knob).
+        need_lse: ``False`` lets the call go to FlexAttention where that has no
+            log-sum-exp (CPU inference); ``lse`` is then ``None``.
 
     Returns:
         ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
         differentiable (``lse`` too).  Queries with no allowed key give 0 and ``-inf``.
+        ``lse`` is ``None`` when ``need_lse=False`` and FlexAttention ran.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -364,5 +374,8 @@ def block_sparse_attention(
     qc = _pad_rows(q.to(cdt), NQ).contiguous()
     kc = _pad_rows(k.to(cdt), NK).contiguous()
     vc = _pad_rows(v.to(cdt), NK).contiguous()
-    out, lse = _EngineFn.apply(qc, kc, vc, plan)
-    return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]
+    if _flex.usable(plan, qc, kc, vc, need_lse):
+        out, lse = _flex.forward(plan, qc, kc, vc, need_lse)
+    else:
+        out, lse = _EngineFn.apply(qc, kc, vc, plan)
+    return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])

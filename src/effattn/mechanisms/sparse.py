@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from effattn.api import register
+from effattn.masks import elementwise
 from effattn.mechanisms._layout import (
     band_layout, block_bounds, check_int, check_same_length, compact_layout, engine_flops, merge_parts,
     n_blocks, permuted_block_attention, range_candidates,
@@ -48,10 +49,10 @@ def _check(stride, block_size, per_head, summary=None):
 # ---------------------------------------------------------------- the engine passes
 
 
-def _run(q, k, v, kv_blocks, block, *, causal, exclude_self, k_valid, pair_mask, pos=None):
+def _run(q, k, v, kv_blocks, block, *, causal, exclude_self, k_valid, pair_mask, need_lse):
     return block_sparse_attention(q, k, v, kv_blocks, block_q=block, block_k=block,
                                   scale=1.0, causal=causal, exclude_self=exclude_self,
-                                  q_pos=pos, k_pos=pos, k_valid=k_valid, pair_mask=pair_mask)
+                                  k_valid=k_valid, pair_mask=pair_mask, need_lse=need_lse)
 
 
 def _strided_local_layout(N, stride, block, causal, device):
@@ -88,13 +89,14 @@ def _residue_layout(stride, per_class, causal, device):
 
 
 def _strided_residue_pass(q, k, v, stride, block, *, causal, exclude_self, padding_mask,
-                          skip_diagonal):
+                          skip_diagonal, need_lse):
     """A2 of the strided pattern on residue-ordered tokens -> ``(out, lse)`` in original order."""
     pos, bm, per_class = _residue_order(q.shape[2], stride, block, q.device)
     layout = _residue_layout(stride, per_class, causal, q.device)
     return permuted_block_attention(
         q, k, v, pos, layout, bm, scale=1.0, causal=causal, exclude_self=exclude_self,
-        padding_mask=padding_mask, pair_mask=(lambda a, b: a != b) if skip_diagonal else None)
+        padding_mask=padding_mask, pair_mask=elementwise(lambda a, b: a != b) if skip_diagonal else None,
+        need_lse=need_lse)
 
 
 def _fixed_local_layout(N, stride, block, causal, device):
@@ -128,13 +130,16 @@ def _fixed_summary_pass(q, k, v, stride, summary, block, *, causal, exclude_self
 
 
 def _by_heads(H, part1, part2, q, k, v):
-    """Even heads through ``part1``, odd heads through ``part2``; ``(out, lse)`` over all heads."""
+    """Even heads through ``part1``, odd heads through ``part2``; ``(out, lse)`` over all
+    heads (``lse`` ``None`` when a part returned none)."""
     even, odd = torch.arange(0, H, 2), torch.arange(1, H, 2)
     res = [part1(q[:, even], k[:, even], v[:, even])]
     if odd.numel():
         res.append(part2(q[:, odd], k[:, odd], v[:, odd]))
     inv = torch.argsort(torch.cat([even, odd])).to(q.device)
     out = torch.cat([r[0] for r in res], 1).index_select(1, inv)
+    if any(r[1] is None for r in res):
+        return out, None
     lse = torch.cat([r[1] for r in res], 1).index_select(1, inv)
     return out, lse
 
@@ -160,14 +165,17 @@ def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_q
     kv = None if padding_mask is None else padding_mask[:, None]
     local = _strided_local_layout(N, stride, block_size, causal, q.device)
 
+    need_lse = return_lse or not per_head  # the union merges the two parts on their lse
+
     def part1(q, k, v):
         return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
-                    k_valid=kv, pair_mask=lambda a, b: (a - b).abs() < stride)
+                    k_valid=kv, pair_mask=elementwise(lambda a, b: (a - b).abs() < stride),
+                    need_lse=need_lse)
 
     def part2(q, k, v, skip_diagonal=False):
         return _strided_residue_pass(q, k, v, stride, block_size, causal=causal,
                                      exclude_self=shared_qk, padding_mask=padding_mask,
-                                     skip_diagonal=skip_diagonal)
+                                     skip_diagonal=skip_diagonal, need_lse=need_lse)
 
     if per_head:
         out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
@@ -191,12 +199,15 @@ def sparse_fixed(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     local = _fixed_local_layout(N, stride, block_size, causal, q.device)
     l, c = stride, summary
 
+    need_lse = return_lse or not per_head  # the union merges the two parts on their lse
+
     def part1(q, k, v, skip_summary=False):
+        @elementwise
         def pm(a, b):
             same = torch.div(a, l, rounding_mode="floor") == torch.div(b, l, rounding_mode="floor")
             return same & (b % l < l - c) if skip_summary else same
         return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
-                    k_valid=kv, pair_mask=pm)
+                    k_valid=kv, pair_mask=pm, need_lse=need_lse)
 
     def part2(q, k, v):
         res = _fixed_summary_pass(q, k, v, l, c, block_size, causal=causal,

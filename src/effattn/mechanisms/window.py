@@ -18,6 +18,7 @@ from effattn.mechanisms._layout import (
     block_bounds, check_int, check_same_length, compact_layout, diff_range, engine_flops,
     has_multiple, lookup, merge_parts, n_blocks, per_head, permuted_block_attention, range_candidates,
 )
+from effattn.masks import elementwise
 from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import stat_dtype
 
@@ -130,10 +131,13 @@ def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
         ok = (d.abs() <= per_head(W, a)) & (d % per_head(dil, a) == 0)
         return ok if glob is None else ok & ~lookup(glob[2], b)
 
+    if dil.numel() == 1 and glob is None:  # no head or batch dependence
+        in_window = elementwise(in_window)
     layout = longformer_layout(N, window, dil, block_size, causal)
     out, lse = block_sparse_attention(
         q, k, v, layout, block_q=block_size, block_k=block_size, scale=scale, causal=causal,
-        exclude_self=shared_qk, k_valid=kv, pair_mask=in_window)
+        exclude_self=shared_qk, k_valid=kv, pair_mask=in_window,
+        need_lse=return_lse or glob is not None)
     if glob is not None:
         gidx, gvalid, _ = glob
         G = gidx.shape[1]
@@ -251,12 +255,14 @@ def window2d(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     if shift != (0, 0):
         table = region[None]
 
+        @elementwise
         def same_region(a, b):
             return lookup(table, a) == lookup(table, b)
 
     return permuted_block_attention(
         q, k, v, pos, layout, window[0] * window[1], scale=scale, causal=False,
-        exclude_self=shared_qk, padding_mask=padding_mask, pair_mask=same_region)
+        exclude_self=shared_qk, padding_mask=padding_mask, pair_mask=same_region,
+        need_lse=return_lse)
 
 
 def window2d_flops(B, H, Nq, Nk, D, Dv, causal=False, grid=None, window=7, shift=0, **_):

@@ -1,0 +1,208 @@
+"""FlexAttention dispatch for the block-sparse engine (:mod:`effattn.mechanisms.blocksparse`).
+
+Where ``torch.nn.attention.flex_attention`` serves a call better than the engine's own
+tiles, the engine hands the call to it, with the *same* pattern:
+
+- the block layout: the engine's ``kv_blocks`` become a FlexAttention ``BlockMask``
+  (``BlockMask.from_kv_blocks``), built once per (layout, number of key blocks, device)
+  and cached (:data:`CACHE_SIZE` entries);
+- the pair rule: ``mask_mod`` reads the original positions and key validity captured
+  from the engine plan and applies :func:`effattn.masks.allowed_pairs` (causal,
+  padding, the method's ``pair_mask``); shared-QK self-exclusion is a ``score_mod``
+  subtracting :data:`effattn.masks.SELF_PENALTY` (:func:`effattn.masks.self_pairs`).
+
+Rows with no allowed key give zeros, as on the own path.
+
+When it is used (:func:`usable`):
+
+- CPU: inference only: no input requires grad and no log-sum-exp is asked for (compiled
+  FlexAttention on CPU has neither a backward nor ``return_lse``);
+- CUDA: also training and ``return_lse``;
+- the layout lists each key block at most once per row (the own path counts a block
+  listed twice twice), the pair rule is marked :func:`effattn.masks.elementwise`, the
+  dtype is float32/bfloat16/float16, and the padded ``[n_q_blocks, n_k_blocks]`` index
+  table stays below :data:`MAX_TABLE` entries;
+- mode (:func:`flex_mode` context manager, else the ``EFFATTN_FLEX`` environment
+  variable): ``"off"`` (``0``) never, ``"on"`` (``1``) whenever possible, ``"auto"`` (the
+  default) only for calls of at least :data:`MIN_SCORES` score elements, where the
+  one-time ``torch.compile`` (seconds) pays off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from effattn.masks import SELF_PENALTY, allowed_pairs, is_elementwise, self_pairs
+
+#: environment variable selecting the mode: 0/off, 1/on, auto (default)
+ENV = "EFFATTN_FLEX"
+#: "auto": score elements (B·H·rows·keys per row) from which a call goes to FlexAttention
+MIN_SCORES = 1 << 22
+#: largest padded index table ``Bl·Hl·n_q_blocks·n_k_blocks`` built for a BlockMask
+MAX_TABLE = 1 << 26
+#: block tables kept in the cache
+CACHE_SIZE = 16
+
+_MODES = {"0": "off", "off": "off", "false": "off", "1": "on", "on": "on", "true": "on",
+          "auto": "auto", "": "auto"}
+_override: Optional[str] = None
+_cache: "OrderedDict[tuple, Optional[tuple]]" = OrderedDict()
+_compiled = None
+
+
+def available() -> bool:
+    """Whether this torch has ``torch.nn.attention.flex_attention`` with ``BlockMask``."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mode() -> str:
+    """The current dispatch mode: ``"off"``, ``"on"`` or ``"auto"``."""
+    if _override is not None:
+        return _override
+    return _MODES.get(os.environ.get(ENV, "auto").strip().lower(), "auto")
+
+
+@contextlib.contextmanager
+def flex_mode(value: str):
+    """Run the enclosed code with dispatch mode ``value`` (``"off"``, ``"on"``, ``"auto"``)."""
+    global _override
+    if value not in ("off", "on", "auto"):
+        raise ValueError(f"flex mode: expected 'off', 'on' or 'auto', got {value!r}")
+    old, _override = _override, value
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def _compiled_flex():
+    """``torch.compile``d ``flex_attention`` (created on first use; compiles per shape)."""
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def block_tables(kv_blocks: torch.Tensor, nkb: int):
+    """FlexAttention block tables of an engine layout, cached per (layout, ``nkb``, device).
+
+    ``kv_blocks`` long ``[Bl, Hl, nqb, S]`` (``-1`` = empty slot) -> ``(kv_num_blocks int32
+    [Bl, Hl, nqb], kv_indices int32 [Bl, Hl, nqb, nkb])`` (each row's blocks ascending,
+    then zeros), or ``None`` when some row lists a block twice.
+    """
+    cpu = kv_blocks.detach().to("cpu", torch.long).contiguous()
+    digest = hashlib.blake2b(cpu.numpy().tobytes(), digest_size=16).hexdigest()
+    key = (str(kv_blocks.device), tuple(cpu.shape), nkb, digest)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    valid = cpu >= 0
+    srt = torch.sort(torch.where(valid, cpu, torch.full_like(cpu, nkb)), dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] < nkb)
+    tables = None
+    if not bool(dup.any()):
+        srt = srt[..., :nkb]
+        idx = torch.where(srt < nkb, srt, torch.zeros_like(srt))
+        idx = F.pad(idx, (0, nkb - idx.shape[-1]))
+        tables = (valid.sum(-1).to(torch.int32).to(kv_blocks.device),
+                  idx.to(torch.int32).contiguous().to(kv_blocks.device))
+    _cache[key] = tables
+    if len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return tables
+
+
+def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> bool:
+    """Whether the engine call described by ``plan`` (inputs ``q [B,H,NQ,D]``, ``k``, ``v``
+    padded) goes to FlexAttention; see the module docstring for the rules."""
+    m = mode()
+    if m == "off" or plan.kv_blocks is None or not is_elementwise(plan.pair_mask):
+        return False
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu":
+        if grad or need_lse:
+            return False
+    elif q.device.type != "cuda":
+        return False
+    Bl, Hl, nqb, S = plan.kv_blocks.shape
+    if Bl * Hl * nqb * plan.nkb > MAX_TABLE:
+        return False
+    if m == "auto" and plan.B * plan.H * q.shape[2] * S * plan.block_k < MIN_SCORES:
+        return False
+    if not available():
+        return False
+    return block_tables(plan.kv_blocks, plan.nkb) is not None
+
+
+def _reader(t: Optional[torch.Tensor], arange: bool):
+    """``f(b, h, i)`` reading ``t [Bt|1, Ht|1, L]`` at a position (0-d tensors); with
+    ``arange`` the position itself.  ``None`` for ``t = None``."""
+    if arange:
+        return lambda b, h, i: i
+    if t is None:
+        return None
+    Bt, Ht = t.shape[0], t.shape[1]
+    if Bt == 1 and Ht == 1:
+        t0 = t[0, 0]
+        return lambda b, h, i: t0[i]
+    if Bt == 1:
+        t1 = t[0]
+        return lambda b, h, i: t1[h, i]
+    if Ht == 1:
+        t2 = t[:, 0]
+        return lambda b, h, i: t2[b, i]
+    return lambda b, h, i: t[b, h, i]
+
+
+def _mods(plan):
+    """``(mask_mod, score_mod or None)`` of an engine plan: the engine's pair rules on
+    original positions, the self-exclusion penalty as a score modification."""
+    qp = _reader(plan.q_pos, plan.default_pos)
+    kp = _reader(plan.k_pos, plan.default_pos)
+    kv = _reader(plan.k_valid, False)
+
+    def mask_mod(b, h, qi, ki):
+        a, c = qp(b, h, qi), kp(b, h, ki)
+        ok = allowed_pairs(a, c, causal=plan.causal, k_valid=None if kv is None else kv(b, h, ki),
+                           pair_mask=plan.pair_mask)
+        return qi >= 0 if ok is None else ok
+
+    score_mod = None
+    if plan.exclude_self:
+        def score_mod(score, b, h, qi, ki):
+            return score - SELF_PENALTY * self_pairs(qp(b, h, qi), kp(b, h, ki), score.dtype)
+    return mask_mod, score_mod
+
+
+def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool):
+    """FlexAttention on the engine's padded tensors ``q [B,H,NQ,D]``, ``k [B,H,NK,D]``,
+    ``v [B,H,NK,Dv]`` -> ``(out [B,H,NQ,Dv], lse [B,H,NQ] float32 or None)``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    num, idx = block_tables(plan.kv_blocks, plan.nkb)
+    mask_mod, score_mod = _mods(plan)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(plan.block_q, plan.block_k),
+                                  mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
+                                  compute_q_blocks=training)
+    res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=plan.scale,
+                           return_lse=need_lse)
+    if not need_lse:
+        return res, None
+    out, lse = res
+    return out, lse.float()

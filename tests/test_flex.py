@@ -1,0 +1,136 @@
+"""FlexAttention dispatch of the block-sparse engine: both paths give the same answer.
+
+Each case runs the engine (or a method) with the dispatch forced on and forced off
+(:func:`effattn.mechanisms._flex.flex_mode`) and compares the outputs to float32
+tolerance; a spy checks that the forced-on call really went to FlexAttention.  Shapes
+are small but fixed (each new shape costs one ``torch.compile``).
+"""
+
+import pytest
+import torch
+
+import effattn
+from effattn.masks import elementwise
+from effattn.mechanisms import _flex
+from effattn.mechanisms._flex import flex_mode
+from effattn.mechanisms.blocksparse import block_sparse_attention
+from tests.helpers import rand_qkv, random_padding
+
+pytestmark = pytest.mark.skipif(not _flex.available(),
+                                reason="torch.nn.attention.flex_attention is not available in this torch")
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture
+def flex_calls(monkeypatch):
+    """Counts the engine calls that went to FlexAttention."""
+    calls = []
+    orig = _flex.forward
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(_flex, "forward", spy)
+    return calls
+
+
+def _both(fn):
+    """``fn()`` under no_grad with dispatch off and on -> ``(own, flex)``."""
+    with torch.no_grad():
+        with flex_mode("off"):
+            own = fn()
+        with flex_mode("on"):
+            flex = fn()
+    return own, flex
+
+
+def _layout(nqb, nkb, S, g, per_head=False, B=2, H=2):
+    """Random layout ``[B|1, H|1, nqb, S]`` with distinct blocks per row and empty slots."""
+    rows = B * H if per_head else 1
+    idx = torch.stack([torch.randperm(nkb, generator=g)[:S] for _ in range(rows * nqb)])
+    idx[torch.rand(idx.shape, generator=g) < 0.25] = -1
+    idx[0] = -1  # query block 0 sees nothing: its rows must be zeros
+    return idx.view(B if per_head else 1, H if per_head else 1, nqb, S)
+
+
+@pytest.mark.parametrize("causal,self_,pad,per_head,pair", [
+    (False, False, False, False, False),
+    (True, True, True, True, True),
+    (False, True, True, False, True),
+])
+def test_engine_flex_equals_own_path(flex_calls, causal, self_, pad, per_head, pair):
+    g = torch.Generator().manual_seed(3)
+    B, H, N, bq, bk = 2, 2, 45, 8, 16  # N not a block multiple: padded rows and keys
+    q, k, v = rand_qkv(B, H, N, N, 16, 8, dtype=torch.float32, seed=1)
+    layout = _layout(-(-N // bq), -(-N // bk), 2, g, per_head)
+    kv = random_padding(B, N, seed=4, empty_row=1)[:, None, :] if pad else None
+    pm = elementwise(lambda a, b: (a - b) % 3 != 1) if pair else None
+
+    def run():
+        return block_sparse_attention(q, k, v, layout, block_q=bq, block_k=bk, scale=0.4,
+                                      causal=causal, exclude_self=self_, k_valid=kv,
+                                      pair_mask=pm, need_lse=False)[0]
+
+    own, flex = _both(run)
+    assert flex_calls, "the forced-on call did not go to FlexAttention"
+    torch.testing.assert_close(flex, own, **TOL)
+    assert torch.equal(flex[0, 0, :bq], torch.zeros_like(flex[0, 0, :bq]))
+
+
+def test_engine_keeps_own_path_for_grad_lse_duplicates_and_unmarked_rules(flex_calls):
+    q, k, v = rand_qkv(1, 1, 32, 32, 8, dtype=torch.float32, seed=2)
+    ok = torch.tensor([[[[0, 1], [1, -1]]]])
+    dup = torch.tensor([[[[0, 0], [1, -1]]]])
+    kw = dict(block_q=16, block_k=16, scale=1.0)
+    with flex_mode("on"), torch.no_grad():
+        _, lse = block_sparse_attention(q, k, v, ok, **kw)  # lse asked for: own path on CPU
+        assert lse is not None
+        block_sparse_attention(q, k, v, dup, need_lse=False, **kw)
+        block_sparse_attention(q, k, v, ok, need_lse=False, pair_mask=lambda a, b: a >= b, **kw)
+    with flex_mode("on"):
+        qg = q.clone().requires_grad_(True)
+        out, _ = block_sparse_attention(qg, k, v, ok, need_lse=False, **kw)
+        out.sum().backward()  # CPU training: own path, with gradients
+    assert not flex_calls
+    with flex_mode("on"), torch.no_grad():
+        block_sparse_attention(q, k, v, ok, need_lse=False, **kw)
+    assert flex_calls
+
+
+def test_block_tables_are_cached_and_reject_duplicates():
+    lay = torch.tensor([[[[2, -1, 0], [1, 2, -1]]]])
+    t1 = _flex.block_tables(lay, 4)
+    assert t1 is _flex.block_tables(lay.clone(), 4)
+    num, idx = t1
+    assert num.tolist() == [[[2, 2]]]
+    assert idx[0, 0].tolist() == [[0, 2, 0, 0], [1, 2, 0, 0]]
+    assert _flex.block_tables(torch.tensor([[[[1, 1]]]]), 4) is None
+
+
+def test_flex_mode_env_and_errors(monkeypatch):
+    monkeypatch.setenv(_flex.ENV, "0")
+    assert _flex.mode() == "off"
+    monkeypatch.setenv(_flex.ENV, "1")
+    assert _flex.mode() == "on"
+    with flex_mode("auto"):
+        assert _flex.mode() == "auto"
+    with pytest.raises(ValueError, match="flex mode"):
+        with flex_mode("sometimes"):
+            pass
+
+
+@pytest.mark.parametrize("method,options,shared", [
+    ("longformer", dict(window=5, block_size=8, dilation=2), True),
+    ("bigbird", dict(block_size=8, n_random_blocks=1), False),
+    ("window2d", dict(grid=(6, 8), window=4, shift=2), False),
+])
+def test_methods_flex_equals_own_path(flex_calls, method, options, shared):
+    q, k, v = rand_qkv(2, 2, 48, 48, 16, dtype=torch.float32, seed=5)
+    pad = random_padding(2, 48, seed=6)
+    causal = method == "longformer"
+    own, flex = _both(lambda: effattn.attention(q, None if shared else k, v, method, causal=causal,
+                                                padding_mask=pad, **options))
+    assert flex_calls
+    torch.testing.assert_close(flex, own, **TOL)
