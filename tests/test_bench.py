@@ -195,6 +195,19 @@ def test_config_file_overrides_defaults(tmp_path):
     assert cfg.settings("longformer").options == {"window": 32}
 
 
+def test_long_preset_is_forward_backward_at_one_million_tokens(tmp_path):
+    cfg = cfgmod.load_config(registered=REGISTERED, preset="long")
+    assert cfg.lengths == [1048576] and cfg.backward and (cfg.batch, cfg.heads, cfg.dim) == (1, 1, 64)
+    assert set(cfg.methods) == {"lsh", "longformer", "bigbird", "sparse_strided", "sparse_fixed",
+                                "linear", "taylor", "performer"}
+    assert cfg.settings("full").max_len < 1048576  # the always-included SDPA baseline is n/a
+    p = tmp_path / "sweep.toml"
+    p.write_text("[bench]\nlengths = [4096]\n")
+    assert cfgmod.load_config(str(p), registered=REGISTERED, preset="long").lengths == [4096]
+    with pytest.raises(cfgmod.ConfigError, match="preset"):
+        cfgmod.load_config(registered=REGISTERED, preset="nope")
+
+
 # ------------------------------------------------------------------ command line errors
 
 

@@ -102,9 +102,13 @@ class BenchConfig:
 # ------------------------------------------------------------------ reading TOML
 
 
-def default_toml_text() -> str:
-    """The text of the packaged ``default.toml``."""
-    return importlib.resources.files("effattn.bench").joinpath("default.toml").read_text("utf-8")
+#: packaged presets merged over ``default.toml`` (``effattn bench --long``)
+PRESETS = {"long": "long.toml"}
+
+
+def default_toml_text(name: str = "default.toml") -> str:
+    """The text of a packaged TOML (``default.toml`` or a preset's file)."""
+    return importlib.resources.files("effattn.bench").joinpath(name).read_text("utf-8")
 
 
 def read_toml(path: str) -> dict:
@@ -265,9 +269,14 @@ def selected_methods(cfg: BenchConfig, registered: list) -> list:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None,
-                registered: Optional[list] = None) -> BenchConfig:
-    """Defaults <- TOML file at ``path`` <- ``overrides`` (BenchConfig field -> value), validated."""
+                registered: Optional[list] = None, preset: Optional[str] = None) -> BenchConfig:
+    """Defaults <- packaged ``preset`` (a :data:`PRESETS` name) <- TOML file at ``path`` <-
+    ``overrides`` (BenchConfig field -> value), validated."""
     raw = tomllib.loads(default_toml_text())
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raw = _merge(raw, tomllib.loads(default_toml_text(PRESETS[preset])))
     if path is not None:
         raw = _merge(raw, read_toml(path))
     cfg = from_dict(raw)

@@ -310,7 +310,7 @@ def block_sparse_attention(
     k_pos: Optional[torch.Tensor] = None,
     k_valid: Optional[torch.Tensor] = None,
     pair_mask: Optional[PairMask] = None,
-    tile_budget: int = DEFAULT_TILE_BUDGET,
+    tile_budget: Optional[int] = None,
     group_blocks: Optional[int] = None,
     slot_chunk: Optional[int] = None,
     need_lse: bool = True,
@@ -341,6 +341,7 @@ def block_sparse_attention(
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    tile_budget = DEFAULT_TILE_BUDGET if tile_budget is None else tile_budget
     cdt = stat_dtype(q.dtype)
     nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
     NQ, NK = nqb * block_q, nkb * block_k

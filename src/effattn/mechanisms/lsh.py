@@ -29,10 +29,11 @@ The steps, each a small public function (the seed lab's worked examples exercise
    the sequence and ``n_chunks_before = 0`` (or ``n_hashes = 1``) it is the exact lse plus
    ``log(n_hashes)``, and ``log 2`` more when the previous round's chunk repeats every key.
 
-Memory is ``O(n_hashes * N * D)``: the engine runs one round at a time (its queries are
-the round's sorted rows, its keys the round's rows plus the adjacent chunks of the
-neighbouring rounds) and the rounds are merged as they come, so the gathered copies of
-``q/k/v`` exist for one round at a time; the hash is computed in slices of positions.
+Memory is ``O(n_hashes * N * D)``: the engine runs as many rounds per call as fit in
+:data:`ROUND_GATHER_BYTES` of sorted copies (all of them up to moderate N: fewer, larger
+operations; one round at a time for long sequences: its queries are the round's sorted
+rows, its keys those rows plus the adjacent chunks of the neighbouring rounds), and the
+calls' results are merged as they come; the hash is computed in slices of positions.
 
 Separate keys (``k`` given): queries and keys are hashed with the same rotations and
 sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
@@ -73,6 +74,9 @@ DEFAULT_SEED = 0
 DEFAULT_N_HASHES = 2
 #: rotated-vector elements computed at once by :func:`hash_vectors` (memory bound)
 HASH_SLICE_ELEMENTS = 1 << 22
+#: bytes of sorted copies (q, k, v rows and output) one engine call may gather: rounds are
+#: batched into one call up to this (fewer, larger operations), else run one at a time
+ROUND_GATHER_BYTES = 1 << 28
 
 LSH_OPTIONS = {
     "n_hashes": None,
@@ -267,11 +271,43 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * H * N, Fx).index_select(0, flat).view(B, H, L, Fx)
 
 
+def _rounds_attention(q, k, v, q_pos_all, k_pos_all, q_undo, r0: int, nr: int, *, seqlen: int,
+                      chunk_len: int, n_chunks: int, n_chunks_before: int, n_chunks_after: int,
+                      scale: float, causal: bool, exclude_self: bool, k_valid):
+    """Rounds ``r0 .. r0 + nr - 1`` of :func:`sorted_chunk_attention` in one engine call.
+
+    ``q_pos_all``/``k_pos_all`` long ``[B|1, H|1, R * seqlen]``: original position of each
+    sorted slot; ``q_undo`` the inverse sort.  The rounds' sorted rows are contiguous
+    (buckets are offset per round), so they form one layout of ``nr * seqlen / chunk_len``
+    query chunks with their cyclic key windows.  Returns ``(out [B, H, nr, seqlen, Dv],
+    lse [B, H, nr, seqlen])`` per round, in original token order.
+    """
+    B, H = q.shape[:2]
+    cpr = seqlen // chunk_len
+    rows = slice(r0 * seqlen, (r0 + nr) * seqlen)
+    q_pos = q_pos_all[..., rows]
+    gids, kv_blocks = chunk_layout(n_chunks, n_chunks_before, n_chunks_after,
+                                   first=r0 * cpr, count=nr * cpr, device=q.device)
+    krow = (gids[:, None] * chunk_len + torch.arange(chunk_len, device=q.device)).reshape(-1)
+    k_pos = k_pos_all[..., krow]
+    kv = None if k_valid is None else torch.gather(
+        k_valid.expand(*k_pos.shape[:2], seqlen), 2, k_pos)
+    so, sl = block_sparse_attention(
+        _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
+        kv_blocks[None, None], block_q=chunk_len, block_k=chunk_len, scale=scale,
+        causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos, k_valid=kv)
+    undo = q_undo[..., rows] - r0 * seqlen  # sorted slot of (round, token), within this call
+    o = _take_rows(so, undo).view(B, H, nr, seqlen, so.shape[-1])
+    lse = torch.gather(sl, 2, undo.expand_as(sl)).view(B, H, nr, seqlen)
+    return o, lse
+
+
 def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
                            n_chunks_before: int, n_chunks_after: int, scale: float,
                            causal: bool = False, exclude_self: bool = False,
                            k_valid: Optional[torch.Tensor] = None, keep_rounds: bool = False):
-    """LSH chunked attention, round by round, merged over rounds.
+    """LSH chunked attention over the sorted rounds (batched per :data:`ROUND_GATHER_BYTES`),
+    merged over rounds.
 
     Args:
         q: ``[B, H, seqlen, D]``; k: ``[B, H, seqlen, D]``; v: ``[B, H, seqlen, Dv]``
@@ -306,31 +342,25 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
         k_sticker, _ = sort_buckets(k_buckets, seqlen)
     q_pos_all = q_sticker % seqlen
     k_pos_all = q_pos_all if k_buckets is None else k_sticker % seqlen
+    B, H = q.shape[:2]
+    per_round = B * H * seqlen * (2 * q.shape[-1] + 2 * v.shape[-1]) * q.element_size()
+    step = max(1, min(R, ROUND_GATHER_BYTES // max(1, per_round)))
     out = lse = None
     rounds = []
-    for r in range(R):
-        rows = slice(r * seqlen, (r + 1) * seqlen)
-        q_pos = q_pos_all[..., rows]
-        gids, kv_blocks = chunk_layout(n_chunks, n_chunks_before, n_chunks_after,
-                                       first=r * cpr, count=cpr, device=q.device)
-        krow = (gids[:, None] * chunk_len + torch.arange(chunk_len, device=q.device)).reshape(-1)
-        k_pos = k_pos_all[..., krow]
-        kv = None if k_valid is None else torch.gather(
-            k_valid.expand(*k_pos.shape[:2], seqlen), 2, k_pos)
-        so, sl = block_sparse_attention(
-            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
-            kv_blocks[None, None], block_q=chunk_len, block_k=chunk_len, scale=scale,
-            causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos, k_valid=kv)
-        undo = q_undo[..., rows] - r * seqlen
-        o_r = _take_rows(so, undo)
-        l_r = torch.gather(sl, 2, undo.expand_as(sl))
+    for r0 in range(0, R, step):
+        nr = min(step, R - r0)
+        o_r, l_r = _rounds_attention(
+            q, k, v, q_pos_all, k_pos_all, q_undo, r0, nr, seqlen=seqlen, chunk_len=chunk_len,
+            n_chunks=n_chunks, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+            scale=scale, causal=causal, exclude_self=exclude_self, k_valid=k_valid)
         if keep_rounds:
-            rounds.append((o_r, l_r))
-        if out is None:
-            out, lse = o_r, l_r
-        else:  # merge as we go (merging is associative): one round's copies alive at a time
-            out, lse = merge_partials(torch.stack([out, o_r]), torch.stack([lse, l_r]))
-        del so, sl, o_r, l_r
+            rounds.extend((o_r[:, :, i], l_r[:, :, i]) for i in range(nr))
+        parts_o, parts_l = (o_r, l_r) if out is None else (
+            torch.cat([out[:, :, None], o_r], 2), torch.cat([lse[:, :, None], l_r], 2))
+        # merging is associative: the calls' results are folded in as they come
+        out, lse = merge_partials(parts_o, parts_l, dim=2) if parts_o.shape[2] > 1 else (
+            parts_o[:, :, 0], parts_l[:, :, 0])
+        del o_r, l_r, parts_o, parts_l
     return out, lse, rounds
 
 
@@ -399,7 +429,7 @@ def lsh_flops(B, H, Nq, Nk, D, Dv, causal=False, n_hashes=None, n_buckets=None, 
 register(
     "lsh", exact=False, causal=True,
     time="O(h·N·(b/2 + c·(1+nb+na))·D + h·N·log(h·N)); b ≈ N/c by default",
-    memory="O(h·N·(D+Dv)) (engine: one round at a time)",
+    memory="O(h·N·(D+Dv)) (engine: rounds batched up to a gather budget)",
     flops=lsh_flops,
     flops_formula="2·B·H·(h·N·D·b/2 + h·N_c·S·c·(D+Dv)), h=n_hashes, b=n_buckets, c=chunk_len, "
                   "N_c = N rounded up to c, S = min(1+nb+na, h·N_c/c) (x2 hashing with separate keys)",
