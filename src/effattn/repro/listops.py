@@ -171,12 +171,36 @@ def run(s: ListOpsSettings, methods: Optional[list], out_dir: Path, *, console, 
         data.fill(counts, lambda k: bar.advance(tid, k))
     data_s = time.perf_counter() - t0
     rows = []
+
+    def snapshot(final: bool) -> dict:
+        done = list(rows)
+        if final:
+            if methods is None:
+                done += [{"method": m, "published": lra_listops(m), "status": "skipped",
+                          "reason": "exact attention, the same function as full (select it with --methods to time it)"}
+                         for m in EXACT_DUPLICATES]
+            done += [{"method": m, "published": lra_listops(m), "status": "skipped", "reason": why}
+                     for m, why in NOT_APPLICABLE.items()]
+        results = {
+            "experiment": "listops", "schema": harness.SCHEMA_VERSION, "date": harness.today(),
+            "command": command or harness.command_line(), "config": dataclasses.asdict(s),
+            "published": {"source": LRA_SOURCE, "unmatched": list(LRA_UNMATCHED)},
+            "methods": chosen, "rows": done, "data_generation_s": data_s, "complete": final,
+            "notes": [f"Data: {s.train_pool} distinct training examples cycled over {s.steps} x {s.batch} "
+                      f"samples; generating them (once, shared by all methods) took {data_s:.0f} s."],
+            "wall_time_s": time.perf_counter() - t0, "plots": [],
+        }
+        if not final:
+            results["notes"].append(f"Partial results: {len(rows)} of {len(chosen)} methods done.")
+        results["plots"] = plots.listops_plot(results, out_dir) if final else []
+        harness.write_outputs(out_dir, results, tables.listops_report(results))
+        return results
+
     for i, method in enumerate(chosen):
         console.print(f"[bold]listops[/] {i + 1}/{len(chosen)}: {method}")
         cfg = train_config(s, method, out_dir / "runs" / method, progress)
         row = {"method": method, "published": lra_listops(method), "method_options": cfg.method_options}
         try:
-            torch.manual_seed(cfg.seed)
             model = harness.build(cfg, data)
             trained = harness.train_run(cfg, prepared=(data, model), echo=console.print)
             test = harness.evaluate_on(trained["model"], data, "test", s.test_examples, s.batch)
@@ -184,21 +208,6 @@ def run(s: ListOpsSettings, methods: Optional[list], out_dir: Path, *, console, 
         except (ValueError, TypeError, RuntimeError) as e:  # one method failing must not end the table
             row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         rows.append(row)
-    if methods is None:
-        for m in EXACT_DUPLICATES:
-            rows.append({"method": m, "published": lra_listops(m), "status": "skipped",
-                         "reason": "exact attention, the same function as full (select it with --methods to time it)"})
-    for m, why in NOT_APPLICABLE.items():
-        rows.append({"method": m, "published": lra_listops(m), "status": "skipped", "reason": why})
-    results = {
-        "experiment": "listops", "schema": harness.SCHEMA_VERSION, "date": harness.today(),
-        "command": command or harness.command_line(), "config": dataclasses.asdict(s),
-        "published": {"source": LRA_SOURCE, "unmatched": list(LRA_UNMATCHED)},
-        "methods": chosen, "rows": rows, "data_generation_s": data_s,
-        "notes": [f"Data: {s.train_pool} distinct training examples cycled over {s.steps} x {s.batch} "
-                  f"samples; generating them (once, shared by all methods) took {data_s:.0f} s."],
-    }
-    results["wall_time_s"] = time.perf_counter() - t0
-    results["plots"] = plots.listops_plot(results, out_dir)
-    harness.write_outputs(out_dir, results, tables.listops_report(results))
+        snapshot(final=False)
+    results = snapshot(final=True)
     return results

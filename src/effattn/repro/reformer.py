@@ -31,7 +31,7 @@ class ReformerSettings:
     """The experiment's knobs; the defaults are the CPU-scale run (paper: length 1024)."""
 
     length: int = 256
-    steps: int = 400
+    steps: int = 250
     batch: int = 32
     vocab: int = 128  # symbols 1..127, as in the paper
     dim: int = 256  # d_model = d_ff = 256, 4 heads, one layer, as in the paper
