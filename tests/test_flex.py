@@ -58,7 +58,6 @@ def _layout(nqb, nkb, S, g, per_head=False, B=2, H=2):
 @pytest.mark.parametrize("causal,self_,pad,per_head,pair", [
     (False, False, False, False, False),
     (True, True, True, True, True),
-    (False, True, True, False, True),
 ])
 def test_engine_flex_equals_own_path(flex_calls, causal, self_, pad, per_head, pair):
     g = torch.Generator().manual_seed(3)
@@ -103,10 +102,20 @@ def test_block_tables_are_cached_and_reject_duplicates():
     lay = torch.tensor([[[[2, -1, 0], [1, 2, -1]]]])
     t1 = _flex.block_tables(lay, 4)
     assert t1 is _flex.block_tables(lay.clone(), 4)
-    num, idx = t1
+    num, idx, fnum, fidx, member = t1
+    assert member[0, 0].tolist() == [[True, False, True, False], [False, True, True, False]]
+    assert fnum is None and fidx is None
     assert num.tolist() == [[[2, 2]]]
     assert idx[0, 0].tolist() == [[0, 2, 0, 0], [1, 2, 0, 0]]
     assert _flex.block_tables(torch.tensor([[[[1, 1]]]]), 4) is None
+
+
+def test_full_slots_skip_the_mask_only_where_every_pair_is_allowed():
+    lay = torch.tensor([[[[0, 1], [1, -1]]]])
+    full = torch.tensor([[[[True, False], [True, True]]]])
+    num, idx, fnum, fidx, _ = _flex.block_tables(lay, 2, full)
+    assert num.tolist() == [[[1, 0]]] and fnum.tolist() == [[[1, 1]]]
+    assert idx[0, 0, 0, 0] == 1 and fidx[0, 0, :, 0].tolist() == [0, 1]
 
 
 def test_flex_mode_env_and_errors(monkeypatch):
@@ -121,15 +130,15 @@ def test_flex_mode_env_and_errors(monkeypatch):
             pass
 
 
-@pytest.mark.parametrize("method,options,shared", [
-    ("longformer", dict(window=5, block_size=8, dilation=2), True),
-    ("bigbird", dict(block_size=8, n_random_blocks=1), False),
-    ("window2d", dict(grid=(6, 8), window=4, shift=2), False),
+@pytest.mark.parametrize("method,options,shared,causal,padded", [
+    ("longformer", dict(window=5, block_size=8, dilation=2), True, True, True),
+    ("longformer", dict(window=17, block_size=8), False, False, True),  # full blocks + padding
+    ("bigbird", dict(block_size=8, n_random_blocks=1), True, True, True),
+    ("window2d", dict(grid=(6, 8), window=4, shift=2), False, False, True),
 ])
-def test_methods_flex_equals_own_path(flex_calls, method, options, shared):
+def test_methods_flex_equals_own_path(flex_calls, method, options, shared, causal, padded):
     q, k, v = rand_qkv(2, 2, 48, 48, 16, dtype=torch.float32, seed=5)
-    pad = random_padding(2, 48, seed=6)
-    causal = method == "longformer"
+    pad = random_padding(2, 48, seed=6) if padded else None
     own, flex = _both(lambda: effattn.attention(q, None if shared else k, v, method, causal=causal,
                                                 padding_mask=pad, **options))
     assert flex_calls

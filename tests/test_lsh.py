@@ -302,3 +302,26 @@ def test_registration_and_flops():
     # engine part: 2·B·H·h·N·(2·c)·(D+Dv); hashing: 2·B·H·N·D·h·b/2 with b = N/c
     assert small == 2 * 4 * 4 * 4096 * 128 * 128 + 2 * 4 * 4096 * 64 * 4 * 32
     assert big > 2 * small
+
+
+def test_rounds_split_over_calls_recompute_and_match_one_call(monkeypatch):
+    """Rounds batched in one engine call, or one per call with recomputation in backward
+    (the long-sequence path): same outputs, lse and gradients."""
+    import effattn.mechanisms.lsh as lsh_mod
+
+    q, _, v = rand_qkv(2, 2, 40, 40, 8, grad=True, seed=7)
+    go = torch.randn(2, 2, 40, 8, dtype=q.dtype)
+
+    def run():
+        out, lse = effattn.attention(q, None, v, "lsh", n_hashes=3, chunk_len=8, causal=True,
+                                     return_lse=True)
+        grads = torch.autograd.grad((out * go).sum() + lse.sum(), (q, v))
+        return out, lse, grads
+
+    one = run()
+    monkeypatch.setattr(lsh_mod, "ROUND_GATHER_BYTES", 1)
+    split = run()
+    torch.testing.assert_close(split[0], one[0])
+    torch.testing.assert_close(split[1], one[1])
+    for a, b in zip(split[2], one[2]):
+        torch.testing.assert_close(a, b)

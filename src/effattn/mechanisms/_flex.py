@@ -4,8 +4,9 @@ Where ``torch.nn.attention.flex_attention`` serves a call better than the engine
 tiles, the engine hands the call to it, with the *same* pattern:
 
 - the block layout: the engine's ``kv_blocks`` become a FlexAttention ``BlockMask``
-  (``BlockMask.from_kv_blocks``), built once per (layout, number of key blocks, device)
-  and cached (:data:`CACHE_SIZE` entries);
+  (``BlockMask.from_kv_blocks``), built once per (layout, full slots, number of key
+  blocks, device) and cached (:data:`CACHE_SIZE` entries); slots the caller marks
+  ``full_slots`` (every pair allowed) and that hold no padding key skip ``mask_mod``;
 - the pair rule: ``mask_mod`` reads the original positions and key validity captured
   from the engine plan and applies :func:`effattn.masks.allowed_pairs` (causal,
   padding, the method's ``pair_mask``); shared-QK self-exclusion is a ``score_mod``
@@ -96,16 +97,39 @@ def _compiled_flex():
     return _compiled
 
 
-def block_tables(kv_blocks: torch.Tensor, nkb: int):
-    """FlexAttention block tables of an engine layout, cached per (layout, ``nkb``, device).
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.numpy().tobytes(), digest_size=16).hexdigest()
 
-    ``kv_blocks`` long ``[Bl, Hl, nqb, S]`` (``-1`` = empty slot) -> ``(kv_num_blocks int32
-    [Bl, Hl, nqb], kv_indices int32 [Bl, Hl, nqb, nkb])`` (each row's blocks ascending,
-    then zeros), or ``None`` when some row lists a block twice.
+
+def _table(blocks: torch.Tensor, keep: torch.Tensor, nkb: int):
+    """``(num int32 [..], idx int32 [.., nkb])`` of the ``blocks [.., S]`` where ``keep``:
+    each row's kept blocks ascending, then zeros."""
+    srt = torch.sort(torch.where(keep, blocks, torch.full_like(blocks, nkb)), dim=-1).values[..., :nkb]
+    idx = F.pad(torch.where(srt < nkb, srt, torch.zeros_like(srt)), (0, nkb - srt.shape[-1]))
+    return keep.sum(-1).to(torch.int32), idx.to(torch.int32).contiguous()
+
+
+def block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor] = None):
+    """FlexAttention block tables of an engine layout, cached per (layout, full slots,
+    ``nkb``, device).
+
+    ``kv_blocks`` long ``[Bl, Hl, nqb, S]`` (``-1`` = empty slot); ``full`` bool,
+    broadcastable to it: slots whose every pair is allowed (FlexAttention skips their
+    ``mask_mod``).  Returns ``(kv_num_blocks [B', H', nqb], kv_indices [B', H', nqb, nkb],
+    full_kv_num_blocks, full_kv_indices, member)`` (int32; the full ones ``None`` without
+    full slots; ``member`` bool ``[B', H', nqb, nkb]``: the listed block pairs), or ``None``
+    when some row lists a block twice.
     """
     cpu = kv_blocks.detach().to("cpu", torch.long).contiguous()
-    digest = hashlib.blake2b(cpu.numpy().tobytes(), digest_size=16).hexdigest()
-    key = (str(kv_blocks.device), tuple(cpu.shape), nkb, digest)
+    fcpu = None
+    if full is not None:
+        fcpu = (full.detach().to("cpu", torch.bool).expand(torch.broadcast_shapes(full.shape, cpu.shape))
+                & (cpu >= 0)).contiguous()
+        cpu = cpu.expand_as(fcpu).contiguous()
+        if not bool(fcpu.any()):
+            fcpu = None
+    key = (str(kv_blocks.device), tuple(cpu.shape), nkb, _digest(cpu),
+           None if fcpu is None else _digest(fcpu))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
@@ -114,15 +138,32 @@ def block_tables(kv_blocks: torch.Tensor, nkb: int):
     dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] < nkb)
     tables = None
     if not bool(dup.any()):
-        srt = srt[..., :nkb]
-        idx = torch.where(srt < nkb, srt, torch.zeros_like(srt))
-        idx = F.pad(idx, (0, nkb - idx.shape[-1]))
-        tables = (valid.sum(-1).to(torch.int32).to(kv_blocks.device),
-                  idx.to(torch.int32).contiguous().to(kv_blocks.device))
+        dev = kv_blocks.device
+        member = torch.zeros(*cpu.shape[:-1], nkb + 1, dtype=torch.bool)
+        member.scatter_(-1, torch.where(valid, cpu, torch.full_like(cpu, nkb)), True)
+        member = member[..., :nkb].contiguous().to(dev)
+        if fcpu is None:
+            tables = (*(t.to(dev) for t in _table(cpu, valid, nkb)), None, None, member)
+        else:
+            tables = (*(t.to(dev) for t in (*_table(cpu, valid & ~fcpu, nkb), *_table(cpu, fcpu, nkb))),
+                      member)
     _cache[key] = tables
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return tables
+
+
+def _full_slots(plan) -> Optional[torch.Tensor]:
+    """The plan's ``full_slots`` hint with slots touching an invalid (padding) key removed."""
+    full = plan.full_slots
+    if full is None or plan.k_valid is None:
+        return full
+    kv = plan.k_valid
+    ok = kv.reshape(*kv.shape[:-1], plan.nkb, plan.block_k).all(-1)  # [Bv, Hv, nkb]
+    lay = plan.kv_blocks
+    shape = torch.broadcast_shapes(ok.shape[:2] + (1, 1), lay.shape, full.shape)
+    ok = ok[..., None, :].expand(*shape[:2], shape[2], plan.nkb)
+    return full.expand(shape) & torch.gather(ok, -1, lay.clamp(min=0).expand(shape))
 
 
 def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> bool:
@@ -146,7 +187,7 @@ def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bo
         return False
     if not available():
         return False
-    return block_tables(plan.kv_blocks, plan.nkb) is not None
+    return block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan)) is not None
 
 
 def _reader(t: Optional[torch.Tensor], arange: bool):
@@ -169,18 +210,27 @@ def _reader(t: Optional[torch.Tensor], arange: bool):
     return lambda b, h, i: t[b, h, i]
 
 
-def _mods(plan):
+def _mods(plan, member: torch.Tensor):
     """``(mask_mod, score_mod or None)`` of an engine plan: the engine's pair rules on
-    original positions, the self-exclusion penalty as a score modification."""
+    original positions, the self-exclusion penalty as a score modification.
+
+    ``mask_mod`` also requires the block pair to be listed (``member [B', H', nqb, nkb]``):
+    the compiled kernel only visits listed blocks anyway, but FlexAttention's eager
+    fallback (e.g. past dynamo's recompile limit) evaluates ``mask_mod`` on every pair.
+    """
     qp = _reader(plan.q_pos, plan.default_pos)
     kp = _reader(plan.k_pos, plan.default_pos)
     kv = _reader(plan.k_valid, False)
+    listed = _reader(member.flatten(-2), False)
+    bq, bk, nkb = plan.block_q, plan.block_k, plan.nkb
 
     def mask_mod(b, h, qi, ki):
         a, c = qp(b, h, qi), kp(b, h, ki)
         ok = allowed_pairs(a, c, causal=plan.causal, k_valid=None if kv is None else kv(b, h, ki),
                            pair_mask=plan.pair_mask)
-        return qi >= 0 if ok is None else ok
+        inside = listed(b, h, torch.div(qi, bq, rounding_mode="floor") * nkb
+                        + torch.div(ki, bk, rounding_mode="floor"))
+        return inside if ok is None else ok & inside
 
     score_mod = None
     if plan.exclude_self:
@@ -194,10 +244,10 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
     ``v [B,H,NK,Dv]`` -> ``(out [B,H,NQ,Dv], lse [B,H,NQ] float32 or None)``."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    num, idx = block_tables(plan.kv_blocks, plan.nkb)
-    mask_mod, score_mod = _mods(plan)
+    num, idx, fnum, fidx, member = block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan))
+    mask_mod, score_mod = _mods(plan, member)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(plan.block_q, plan.block_k),
+    bm = BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=(plan.block_q, plan.block_k),
                                   mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
                                   compute_q_blocks=training)
     res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=plan.scale,

@@ -167,8 +167,12 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
         qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
         layout = compact_layout(pattern[:, qb0:qb1])[None]
         rows = torch.arange(*mid, device=q.device)
+        # whole blocks are seen; causal: except a key block reaching past the query block's start
+        first_q = (qb0 + torch.arange(layout.shape[2], device=q.device))[:, None] * bs
+        full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
         mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, block_q=bs,
-                                        block_k=bs, q_pos=rows[None, None], k_valid=kv, **run)
+                                        block_k=bs, q_pos=rows[None, None], k_valid=kv,
+                                        full_slots=full, **run)
         pieces.append(("mid", mo, ml))
     order = {"first": 0, "mid": 1, "last": 2}
     pieces.sort(key=lambda p: order[p[0]])

@@ -62,6 +62,7 @@ class _Plan:
     default_pos: bool  # positions are arange (lets causal dense skip whole tiles)
     group_blocks: int  # query blocks per group
     slot_chunk: int  # key blocks (dense) or slots (sparse) per inner step
+    full_slots: Optional[torch.Tensor] = None  # bool, like kv_blocks: every pair allowed
 
     @property
     def nqb(self) -> int:
@@ -314,6 +315,7 @@ def block_sparse_attention(
     group_blocks: Optional[int] = None,
     slot_chunk: Optional[int] = None,
     need_lse: bool = True,
+    full_slots: Optional[torch.Tensor] = None,
 ):
     """Attention restricted to a block layout.
 
@@ -333,6 +335,9 @@ def block_sparse_attention(
         tile_budget: score elements per processed group (memory/speed knob).
         need_lse: ``False`` lets the call go to FlexAttention where that has no
             log-sum-exp (CPU inference); ``lse`` is then ``None``.
+        full_slots: optional bool, broadcastable to ``kv_blocks``: slots in which the
+            caller's rules (causal and ``pair_mask``, on the given positions) allow every
+            pair; a hint for the FlexAttention path (padding is checked here).
 
     Returns:
         ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
@@ -371,7 +376,8 @@ def block_sparse_attention(
         if group_blocks is None:
             group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
     plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
-                 qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk)
+                 qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
+                 None if kv_blocks is None else full_slots)
     qc = _pad_rows(q.to(cdt), NQ).contiguous()
     kc = _pad_rows(k.to(cdt), NK).contiguous()
     vc = _pad_rows(v.to(cdt), NK).contiguous()

@@ -34,6 +34,9 @@ Memory is ``O(n_hashes * N * D)``: the engine runs as many rounds per call as fi
 operations; one round at a time for long sequences: its queries are the round's sorted
 rows, its keys those rows plus the adjacent chunks of the neighbouring rounds), and the
 calls' results are merged as they come; the hash is computed in slices of positions.
+When the rounds take several calls and gradients are needed, each call is checkpointed
+(its sorted copies are recomputed in backward instead of kept), so training memory
+stays ``O(N·D)`` plus one call's copies.
 
 Separate keys (``k`` given): queries and keys are hashed with the same rotations and
 sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
@@ -57,11 +60,13 @@ standard normal from a CPU ``torch.Generator``); per-head hashing takes an expli
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length
@@ -347,12 +352,16 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
     step = max(1, min(R, ROUND_GATHER_BYTES // max(1, per_round)))
     out = lse = None
     rounds = []
+    # several calls: keep no call's sorted copies for backward, recompute them there
+    recompute = step < R and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     for r0 in range(0, R, step):
         nr = min(step, R - r0)
-        o_r, l_r = _rounds_attention(
-            q, k, v, q_pos_all, k_pos_all, q_undo, r0, nr, seqlen=seqlen, chunk_len=chunk_len,
+        call = functools.partial(
+            _rounds_attention, r0=r0, nr=nr, seqlen=seqlen, chunk_len=chunk_len,
             n_chunks=n_chunks, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
             scale=scale, causal=causal, exclude_self=exclude_self, k_valid=k_valid)
+        args = (q, k, v, q_pos_all, k_pos_all, q_undo)
+        o_r, l_r = checkpoint(call, *args, use_reentrant=False) if recompute else call(*args)
         if keep_rounds:
             rounds.extend((o_r[:, :, i], l_r[:, :, i]) for i in range(nr))
         parts_o, parts_l = (o_r, l_r) if out is None else (

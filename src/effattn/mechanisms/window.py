@@ -49,6 +49,18 @@ def longformer_layout(N: int, window: int, dil: torch.Tensor, block: int, causal
     return compact_layout(has_multiple(lo, hi, dil[:, None, None]), cand)[None]
 
 
+def longformer_full_slots(layout: torch.Tensor, N: int, window: int, dil: torch.Tensor, block: int,
+                          causal: bool) -> torch.Tensor:
+    """Bool like ``layout [1, H|1, nqb, S]``: slots whose every (query, key) pair is in the
+    window (``|i - j| <= window`` and, causal, ``j <= i``) — only with dilation 1, where
+    every difference is a multiple."""
+    qb = torch.arange(layout.shape[2], device=layout.device)[:, None]
+    lo, hi = diff_range(N, block, block, qb, layout.clamp(min=0))
+    W = int(window * dil.max())
+    full = (layout >= 0) & (hi <= W) & (lo >= (0 if causal else -W))
+    return full & bool((dil == 1).all())
+
+
 def _global_index(global_tokens, B: int, N: int, device):
     """``global_tokens`` -> ``(gidx [Bg, G] long, gvalid [Bg, G] bool, is_global [Bg, N])``,
     or ``None`` when there is none.  Accepts a list of indices, a 1-D integer tensor, or a
@@ -134,10 +146,11 @@ def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     if dil.numel() == 1 and glob is None:  # no head or batch dependence
         in_window = elementwise(in_window)
     layout = longformer_layout(N, window, dil, block_size, causal)
+    full = None if glob is not None else longformer_full_slots(layout, N, window, dil, block_size, causal)
     out, lse = block_sparse_attention(
         q, k, v, layout, block_q=block_size, block_k=block_size, scale=scale, causal=causal,
         exclude_self=shared_qk, k_valid=kv, pair_mask=in_window,
-        need_lse=return_lse or glob is not None)
+        need_lse=return_lse or glob is not None, full_slots=full)
     if glob is not None:
         gidx, gvalid, _ = glob
         G = gidx.shape[1]
