@@ -143,3 +143,13 @@ def test_methods_flex_equals_own_path(flex_calls, method, options, shared, causa
                                                 padding_mask=pad, **options))
     assert flex_calls
     torch.testing.assert_close(flex, own, **TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_single_layout_for_flex_equals_row_pieces(causal):
+    """With the dispatch on, BigBird runs its whole pattern as one layout (global rows list
+    every block); the own path keeps the dense global rows: same result."""
+    q, k, v = rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32, seed=8)
+    own, flex = _both(lambda: effattn.attention(q, k, v, "bigbird", causal=causal, block_size=8,
+                                                n_random_blocks=2))
+    torch.testing.assert_close(flex, own, **TOL)

@@ -166,13 +166,13 @@ def _full_slots(plan) -> Optional[torch.Tensor]:
     return full.expand(shape) & torch.gather(ok, -1, lay.clamp(min=0).expand(shape))
 
 
-def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> bool:
-    """Whether the engine call described by ``plan`` (inputs ``q [B,H,NQ,D]``, ``k``, ``v``
-    padded) goes to FlexAttention; see the module docstring for the rules."""
+def would_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool,
+                   scores: int) -> bool:
+    """Whether a layout call on ``q``, ``k``, ``v`` computing ``scores`` score elements
+    (``B·H·rows·keys per row``) would go to FlexAttention, pattern aside: mode,
+    availability, device, gradients, log-sum-exp, dtype and the ``auto`` size rule."""
     m = mode()
-    if m == "off" or plan.kv_blocks is None or not is_elementwise(plan.pair_mask):
-        return False
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if m == "off" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu":
@@ -180,12 +180,20 @@ def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bo
             return False
     elif q.device.type != "cuda":
         return False
+    if m == "auto" and scores < MIN_SCORES:
+        return False
+    return available()
+
+
+def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> bool:
+    """Whether the engine call described by ``plan`` (inputs ``q [B,H,NQ,D]``, ``k``, ``v``
+    padded) goes to FlexAttention; see the module docstring for the rules."""
+    if plan.kv_blocks is None or not is_elementwise(plan.pair_mask):
+        return False
     Bl, Hl, nqb, S = plan.kv_blocks.shape
     if Bl * Hl * nqb * plan.nkb > MAX_TABLE:
         return False
-    if m == "auto" and plan.B * plan.H * q.shape[2] * S * plan.block_k < MIN_SCORES:
-        return False
-    if not available():
+    if not would_dispatch(q, k, v, need_lse, plan.B * plan.H * q.shape[2] * S * plan.block_k):
         return False
     return block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan)) is not None
 

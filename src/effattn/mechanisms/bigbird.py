@@ -35,6 +35,7 @@ from effattn.api import prepare, register, spec
 from effattn.mechanisms._layout import (
     check_int, check_same_length, compact_layout, engine_flops, merge_parts, n_blocks,
 )
+from effattn.mechanisms import _flex
 from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import stat_dtype
 
@@ -115,6 +116,56 @@ def _check_global_qkv(global_qkv, B, H, D, Dv):
     return gq, gk, gv
 
 
+def _one_layout(q, k, v, pattern, n_global_blocks, bs, kv, run):
+    """The whole pattern as one layout call (for FlexAttention: global query blocks list
+    every key block, all as full blocks).  ``pattern [H, nb, nb]``; returns ``(out, lse)``."""
+    nb = pattern.shape[-1]
+    causal = run["causal"]
+    if not causal:  # causal global rows already list their whole past
+        pattern = pattern | global_block_mask(nb, n_global_blocks, causal, pattern.device)[:, None]
+    layout = compact_layout(pattern)[None]
+    first_q = torch.arange(nb, device=q.device)[:, None] * bs
+    full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
+    return block_sparse_attention(q, k, v, layout, block_q=bs, block_k=bs, k_valid=kv,
+                                  full_slots=full, **run)
+
+
+def _row_pieces(q, k, v, pattern, spans, bs, kv, run):
+    """Global query rows densely over every key, the others through the block layout
+    (``spans`` = first/middle/last row ranges); returns ``(out, lse)`` in row order."""
+    N = q.shape[2]
+    first, mid, last = spans
+    causal = run["causal"]
+    pieces = []
+    # global query rows: dense over every key (causal: the first blocks only see the first blocks)
+    grows = [r for r in (first, last) if r[1] > r[0]]
+    if grows:
+        rows = torch.cat([torch.arange(*r, device=q.device) for r in grows])
+        kend = first[1] if causal else N
+        go, gl = block_sparse_attention(
+            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, block_q=bs,
+            block_k=bs, q_pos=rows[None, None], k_valid=None if kv is None else kv[..., :kend], **run)
+        n_first = first[1] - first[0]
+        pieces.append(("first", go[:, :, :n_first], None if gl is None else gl[:, :, :n_first]))
+        pieces.append(("last", go[:, :, n_first:], None if gl is None else gl[:, :, n_first:]))
+    if mid[1] > mid[0]:
+        qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
+        layout = compact_layout(pattern[:, qb0:qb1])[None]
+        rows = torch.arange(*mid, device=q.device)
+        # whole blocks are seen; causal: except a key block reaching past the query block's start
+        first_q = (qb0 + torch.arange(layout.shape[2], device=q.device))[:, None] * bs
+        full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
+        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, block_q=bs,
+                                        block_k=bs, q_pos=rows[None, None], k_valid=kv,
+                                        full_slots=full, **run)
+        pieces.append(("mid", mo, ml))
+    order = {"first": 0, "mid": 1, "last": 2}
+    pieces.sort(key=lambda p: order[p[0]])
+    out = torch.cat([p[1] for p in pieces], 2)
+    lse = None if any(p[2] is None for p in pieces) else torch.cat([p[2] for p in pieces], 2)
+    return out, lse
+
+
 def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, block_size=64,
             n_window_blocks=3, n_global_blocks=1, n_random_blocks=3, seed=0, global_qkv=None,
             extra_global_tokens=None):
@@ -151,33 +202,10 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
     first, mid, last = _row_spans(N, bs, nb, n_global_blocks, causal)
     run = dict(scale=scale, causal=causal, exclude_self=shared_qk,
                need_lse=return_lse or extra is not None)
-    pieces = []
-    # global query rows: dense over every key (causal: the first blocks only see the first blocks)
-    grows = [r for r in (first, last) if r[1] > r[0]]
-    if grows:
-        rows = torch.cat([torch.arange(*r, device=q.device) for r in grows])
-        kend = first[1] if causal else N
-        go, gl = block_sparse_attention(
-            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, block_q=bs,
-            block_k=bs, q_pos=rows[None, None], k_valid=None if kv is None else kv[..., :kend], **run)
-        n_first = first[1] - first[0]
-        pieces.append(("first", go[:, :, :n_first], None if gl is None else gl[:, :, :n_first]))
-        pieces.append(("last", go[:, :, n_first:], None if gl is None else gl[:, :, n_first:]))
-    if mid[1] > mid[0]:
-        qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
-        layout = compact_layout(pattern[:, qb0:qb1])[None]
-        rows = torch.arange(*mid, device=q.device)
-        # whole blocks are seen; causal: except a key block reaching past the query block's start
-        first_q = (qb0 + torch.arange(layout.shape[2], device=q.device))[:, None] * bs
-        full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
-        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, block_q=bs,
-                                        block_k=bs, q_pos=rows[None, None], k_valid=kv,
-                                        full_slots=full, **run)
-        pieces.append(("mid", mo, ml))
-    order = {"first": 0, "mid": 1, "last": 2}
-    pieces.sort(key=lambda p: order[p[0]])
-    out = torch.cat([p[1] for p in pieces], 2)
-    lse = None if any(p[2] is None for p in pieces) else torch.cat([p[2] for p in pieces], 2)
+    if _flex.would_dispatch(q, k, v, run["need_lse"], B * H * N * nb * bs):
+        out, lse = _one_layout(q, k, v, pattern, n_global_blocks, bs, kv, run)
+    else:
+        out, lse = _row_pieces(q, k, v, pattern, (first, mid, last), bs, kv, run)
     if extra is not None:
         _, gk, gv = (t.to(cdt).expand(B, -1, -1, -1) for t in extra)
         # a sequence with no real token has no global summary either: its rows stay empty
