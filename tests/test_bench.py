@@ -76,15 +76,44 @@ def test_summarize_median_and_spread():
     assert s["q1"] <= s["median"] <= s["q3"] and s["n"] == 4
 
 
-def test_clustered_inputs_give_peaked_attention():
-    """Top-32 keys hold most of the attention for clustered inputs, little for Gaussian ones."""
+def _attention_probs(family, N=1024, shared_qk=False):
+    q, k, v = make_inputs(family, 1, 1, N, 64, 64, seed=0)
+    s = q @ k.transpose(-1, -2) / 8.0
+    if shared_qk:  # Reformer's keys: the RMS-normalized queries; a token does not see itself
+        s = q @ (q / q.pow(2).mean(-1, keepdim=True).sqrt()).transpose(-1, -2) / 8.0
+        s = s.masked_fill(torch.eye(N, dtype=torch.bool), float("-inf"))
+    return torch.softmax(s, dim=-1), v
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_peaked_families_concentrate_attention(shared_qk):
+    """The 32 best keys hold nearly all the attention for clustered and local inputs (also
+    with shared-QK keys), little for Gaussian ones."""
     def top_mass(family):
-        q, k, _ = make_inputs(family, 1, 1, 1024, 64, 64, seed=0)
-        p = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1)
+        p, _ = _attention_probs(family, shared_qk=shared_qk)
         return p.topk(32, dim=-1).values.sum(-1).mean().item()
 
-    assert top_mass("clustered") > 0.6
+    assert top_mass("clustered") > 0.9
+    assert top_mass("local") > 0.99
     assert top_mass("gaussian") < 0.4
+
+
+def test_clustered_attention_stays_in_cluster_and_local_attention_near_the_diagonal():
+    """Clustered: attention is spread along the sequence (not local); local: within 64
+    positions of the query."""
+    N = 1024
+    dist = (torch.arange(N)[:, None] - torch.arange(N)[None]).abs()
+    near = lambda fam: (_attention_probs(fam, N)[0][0, 0] * (dist <= 64)).sum(-1).mean().item()
+    assert near("local") > 0.99
+    assert near("clustered") < 0.3
+
+
+def test_local_family_works_for_odd_dim_and_rejects_dim_one():
+    q, k, v = make_inputs("local", 1, 2, 50, 7, 5)
+    assert q.shape == k.shape == (1, 2, 50, 7) and v.shape == (1, 2, 50, 5)
+    assert torch.isfinite(q).all()
+    with pytest.raises(ValueError, match="dim"):
+        make_inputs("local", 1, 1, 8, 1, 4)
 
 
 # ------------------------------------------------------------------ a tiny run: the schema
@@ -118,18 +147,19 @@ def test_tiny_run_writes_results_report_and_plots(tmp_path):
     assert all(c["ratio_to_sdpa"] == 1.0 for c in data["cases"] if c["label"] == "full")
     acc = data["accuracy"]
     assert {(a["label"], a["family"]) for a in acc} == {(m, f) for m in ("full", "longformer")
-                                                        for f in ("gaussian", "clustered")}
+                                                        for f in ("gaussian", "clustered", "local")}
     for a in acc:
         assert a["N"] == 64 and a["status"] == "ok"
         # at N=64 the default window (256) covers the sequence: both are exact
         assert a["max_rel_err"]["max"] < 1e-5 and a["mean_rel_err"]["max"] <= a["max_rel_err"]["max"]
     recs = data["recommendations"]
-    assert len(recs) == 3 * 2 * 3 * 3  # (gaussian, clustered, worst) x N x budgets x bounds
-    assert {r["family"] for r in recs} == {"gaussian", "clustered", "worst"}
+    assert len(recs) == 4 * 2 * 3 * 3  # (gaussian, clustered, local, worst) x N x budgets x bounds
+    assert {r["family"] for r in recs} == {"gaussian", "clustered", "local", "worst"}
     assert all(r["choice"] in ("full", "longformer") for r in recs)
     report = (out / "report.md").read_text()
     assert "## N = 64" in report and "## Recommendation" in report and "× SDPA" in report
-    for png in ("time_vs_n.png", "memory_vs_n.png", "error_vs_n_gaussian.png", "error_vs_n_clustered.png"):
+    for png in ("time_vs_n.png", "memory_vs_n.png", "error_vs_n_gaussian.png", "error_vs_n_clustered.png",
+                "error_vs_n_local.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,6 +17,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from typing import Any, Optional
 
+from effattn.bench.cases import FAMILIES
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
 N_PLACEHOLDER = "$N"
@@ -75,7 +77,7 @@ class BenchConfig:
     threads: int = 0
     device: str = "cpu"
     accuracy_lengths: list = dataclasses.field(default_factory=lambda: [1024])
-    accuracy_families: list = dataclasses.field(default_factory=lambda: ["gaussian", "clustered"])
+    accuracy_families: list = dataclasses.field(default_factory=lambda: list(FAMILIES))
     accuracy_seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     accuracy_timeout: float = 120.0
     budgets_mb: list = dataclasses.field(default_factory=lambda: [256, 1024, 4096])
@@ -239,8 +241,9 @@ def validate(cfg: BenchConfig, registered: list) -> BenchConfig:
     for m in list(cfg.methods) + list(cfg.exclude):
         if m not in registered:
             raise ConfigError(f"methods: unknown attention method {m!r}; choose from {', '.join(registered)}")
-    fams = {"gaussian", "clustered"}
-    if not isinstance(cfg.accuracy_families, list) or not set(cfg.accuracy_families) <= fams:
+    fams = set(FAMILIES)
+    if not isinstance(cfg.accuracy_families, list) or not cfg.accuracy_families \
+            or not set(cfg.accuracy_families) <= fams:
         raise ConfigError(f"accuracy.families: expected a subset of {sorted(fams)}, got {cfg.accuracy_families!r}")
     if not isinstance(cfg.accuracy_seeds, list) or not cfg.accuracy_seeds:
         raise ConfigError(f"accuracy.seeds: expected a non-empty list of integers, got {cfg.accuracy_seeds!r}")
