@@ -155,3 +155,16 @@ def test_bad_arguments_one_line_error_exit_2(args, needle):
     assert res.exit_code == 2, res.output
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], res.output
+
+
+def test_method_option_named_like_a_model_argument_reaches_the_attention(tmp_path):
+    """linformer's ``max_len`` (its projection length) is not the model's ``max_len``."""
+    from effattn.tasks import make_task
+    from effattn.training.models import build_model
+
+    task = make_task("listops", seed=0, min_length=8, max_length=24)
+    cfg = TrainConfig(task="listops", method="linformer", method_options={"k": 4, "max_len": 32},
+                      dim=16, heads=2, layers=2)
+    model = build_model(cfg, task)
+    shapes = {tuple(p.shape) for n, p in model.named_parameters() if n.endswith(("E", "F"))}
+    assert shapes == {(4, 32)}

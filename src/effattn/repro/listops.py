@@ -109,8 +109,8 @@ def method_options(method: str, max_len: int) -> dict:
         if method == "bigbird_etc":
             opts["extra_global_tokens"] = 2
         return opts
-    if method == "linformer":  # E, F are [k, 4096] by default, sliced to N (max_len would clash
-        return {"k": 256 if long else 16}  # with the model's own max_len in build_model)
+    if method == "linformer":  # E, F sized to the longest input (+ the CLS token)
+        return {"k": 256 if long else 16, "max_len": max_len + 1}
     if method == "nystrom":
         return {"n_landmarks": 64 if long else 8}
     if method == "performer":

@@ -44,10 +44,16 @@ def build_model(cfg, task: Task) -> nn.Module:
     kind = model_kind(cfg, task)
     common = dict(dim=cfg.dim, depth=cfg.layers, heads=cfg.heads, method=cfg.method,
                   dropout=cfg.dropout, reversible=cfg.reversible, ff_mult=cfg.ff_mult,
-                  ff_chunks=cfg.ff_chunks, shared_qk=cfg.resolved_shared_qk(), **cfg.method_options)
+                  ff_chunks=cfg.ff_chunks, shared_qk=cfg.resolved_shared_qk())
+    if kind == "vit":  # ViT sets window2d's per-layer options itself
+        return PixelViT(task.size, task.num_classes, patch_size=cfg.patch, window=cfg.window,
+                        **common, **cfg.method_options)
+    # per layer, so a method option named like a model argument (linformer's max_len)
+    # reaches the attention instead of clashing with the model's own
+    common["layer_options"] = [dict(cfg.method_options) for _ in range(cfg.layers)]
     if kind == "lm":
         return CausalLM(task.vocab_size, max_len=task.max_len, pos=cfg.pos, **common)
     if kind == "classifier":
         return EncoderClassifier(task.vocab_size, task.num_classes, max_len=task.max_len,
                                  pos=cfg.pos, pool=cfg.pool, **common)
-    return PixelViT(task.size, task.num_classes, patch_size=cfg.patch, window=cfg.window, **common)
+    raise AssertionError(kind)
