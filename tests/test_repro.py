@@ -185,6 +185,7 @@ def test_mqar_smoke(tmp_path):
     (["mqar", "--settings", "64:x"], "--settings"),
     (["mqar", "--methods", "linformer"], "cannot be causal"),
     (["mqar", "--settings", "8:4"], "--settings"),
+    (["mqar", "--pos", "alibi"], "--pos"),
 ])
 def test_bad_arguments_are_one_line_errors(args, needle, tmp_path):
     res = runner.invoke(app, ["repro", *args, "--out", str(tmp_path / "x")])

@@ -158,7 +158,7 @@ def listops_cmd(
 def mqar_cmd(
     ctx: typer.Context,
     methods: Optional[List[str]] = typer.Option(None, "--methods", "-m", help="causal methods (comma-separated or repeated); default every one"),
-    settings: Optional[str] = typer.Option(None, "--settings", help="LENGTH:PAIRS list, default 64:4,128:8,256:16 (Zoology's hardest: 512:64 with --vocab 256)"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="LENGTH:PAIRS list, default 64:4,128:8 (Zoology's hardest: 512:64 with --vocab 256)"),
     steps: Optional[int] = typer.Option(None, help="training steps per method (the settings take turns)"),
     batch: Optional[int] = typer.Option(None, help="batch size"),
     train_pool: Optional[int] = typer.Option(None, help="distinct training sequences per setting"),
@@ -168,6 +168,7 @@ def mqar_cmd(
     layers: Optional[int] = typer.Option(None, help="layers"),
     heads: Optional[int] = typer.Option(None, help="attention heads"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+    pos: Optional[str] = typer.Option(None, help="positions: rotary (default), learned, sinusoidal or none"),
     seed: Optional[int] = typer.Option(None, help="seed of data and initialization"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     out: Optional[str] = typer.Option(None, help="output folder (default runs/repro/mqar/)"),
@@ -183,7 +184,7 @@ def mqar_cmd(
         if settings is not None:
             s.settings = parse_settings(settings)
         for k, v in dict(steps=steps, batch=batch, train_pool=train_pool, test_examples=test_examples,
-                         vocab=vocab, dim=dim, layers=layers, heads=heads, lr=lr, seed=seed).items():
+                         vocab=vocab, dim=dim, layers=layers, heads=heads, lr=lr, pos=pos, seed=seed).items():
             if v is not None:
                 setattr(s, k, v)
         if lr is not None and not lr > 0:

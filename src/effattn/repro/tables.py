@@ -178,7 +178,7 @@ def mqar_report(results: dict) -> str:
            f"- data: effattn's MQAR generator (Zoology's `multiquery_ar`), vocabulary {c['vocab']}, "
            f"power_a {c['power_a']:g}, seed {c['seed']}; accuracy over the query positions of "
            f"{c['test_examples']} test sequences",
-           f"- model: causal LM, {c['layers']} layers, d_model {c['dim']}, {c['heads']} heads, learned positions",
+           f"- model: causal LM, {c['layers']} layers, d_model {c['dim']}, {c['heads']} heads, {c.get('pos', 'learned')} positions",
            f"- training: one model per method on all settings in turn (one setting per step), {c['steps']} steps "
            f"in all, batch {c['batch']}, {c['train_pool']} distinct training sequences per setting, AdamW lr "
            f"{c['lr']:g}, weight decay {c['weight_decay']:g}, warmup {c['warmup']}, cosine decay",
