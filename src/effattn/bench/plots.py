@@ -25,21 +25,31 @@ def _series(records: list, key) -> dict:
     return out
 
 
-def _style(label: str) -> dict:
+_COLORS = [plt.get_cmap("tab10")(i) for i in range(10)]
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def series_style(label: str, index: int) -> dict:
+    """Line style of the ``index``-th series: SDPA thick black; every other series its own
+    (colour, marker) pair — colours cycle, the marker changes each cycle; peers dashed."""
     if label == "full":
         return {"color": "black", "linewidth": 2.5, "marker": "o", "label": "full (SDPA)"}
+    style = {"color": _COLORS[index % len(_COLORS)],
+             "marker": _MARKERS[(index // len(_COLORS)) % len(_MARKERS)], "label": label}
     if label.startswith("peer:"):
-        return {"linestyle": "--", "marker": "s", "label": label}
-    return {"marker": "o", "label": label}
+        style["linestyle"] = "--"
+    return style
 
 
 def _plot(series: dict, path: str, title: str, ylabel: str) -> bool:
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    others = [label for label in series if label != "full"]
     for label, (xs, ys) in series.items():
         pts = sorted(zip(xs, ys))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], **_style(label))
+        index = others.index(label) if label in others else 0
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], **series_style(label, index))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from effattn.bench.plots import _style, plt
+from effattn.bench.plots import plt, series_style
 
 
 def reformer_plot(results: dict, out_dir) -> list:
@@ -44,8 +44,8 @@ def listops_plot(results: dict, out_dir) -> list:
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        st = _style(r["method"])
+    for i, r in enumerate(rows):
+        st = series_style(r["method"], i)
         y = 100 * r["test_accuracy"]
         ax.scatter([r["tokens_per_s"]], [y], s=40, color=st.get("color"), zorder=3)
         ax.annotate(r["method"], (r["tokens_per_s"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -73,13 +73,13 @@ def mqar_plot(results: dict, out_dir) -> list:
     settings = [tuple(x) for x in results["settings"]]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     plotted = False
-    for m in results["methods"]:
+    for i, m in enumerate(results["methods"]):
         pts = [(r["length"], 100 * r["test_accuracy"]) for r in results["runs"]
                if r["method"] == m and r.get("status", "ok") == "ok" and r.get("test_accuracy") is not None]
         if not pts:
             continue
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], **_style(m))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], **series_style(m, i))
         plotted = True
     if not plotted:
         plt.close(fig)
