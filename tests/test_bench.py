@@ -238,6 +238,13 @@ def test_long_preset_is_forward_backward_at_one_million_tokens(tmp_path):
         cfgmod.load_config(registered=REGISTERED, preset="nope")
 
 
+def test_peers_preset_runs_peers_at_the_target_lengths():
+    cfg = cfgmod.load_config(registered=REGISTERED, preset="peers")
+    assert cfg.peers and cfg.lengths == [2048, 16384, 65536] and cfg.accuracy_lengths == []
+    assert (cfg.batch, cfg.heads, cfg.dim, cfg.dtype) == (1, 4, 64, "fp32")
+    assert "full" in cfgmod.selected_methods(cfg, REGISTERED)  # SDPA: the ratio's denominator
+
+
 # ------------------------------------------------------------------ command line errors
 
 
@@ -249,6 +256,8 @@ def test_long_preset_is_forward_backward_at_one_million_tokens(tmp_path):
     (["--repeats", "0"], "repeats"),
     (["--timeout", "-1"], "timeout"),
     (["--config", "does/not/exist.toml"], "config"),
+    (["--preset", "nope"], "preset"),
+    (["--long", "--preset", "peers"], "preset"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, needle):
     r = CliRunner().invoke(app, ["bench", *args])

@@ -47,7 +47,8 @@ def _lengths(values: Optional[List[str]]) -> Optional[list]:
 def bench(
     ctx: typer.Context,
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of a saved sweep (merged over the defaults)"),
-    long: bool = typer.Option(False, "--long", help="preset: forward+backward at N = 1,048,576 (B=1, H=1, D=64) for the methods that fit (long.toml)"),
+    long: bool = typer.Option(False, "--long", help="preset: forward+backward at N = 1,048,576 (B=1, H=1, D=64) for the methods that fit (long.toml); = --preset long"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="packaged sweep merged over the defaults: long (long.toml) | peers (peers.toml: ours vs peers vs SDPA at N = 2,048-65,536)"),
     methods: Optional[List[str]] = typer.Option(None, "--methods", "-m", help="methods to run (comma-separated or repeated); default all"),
     lengths: Optional[List[str]] = typer.Option(None, "--lengths", "-n", help="sequence lengths (comma-separated or repeated)"),
     batch: Optional[int] = typer.Option(None, "--batch", help="batch size B"),
@@ -78,7 +79,9 @@ def bench(
             "repeats": repeats, "timeout": timeout, "max_memory_mb": max_memory,
             "accuracy_lengths": _lengths(accuracy_lengths), "device": device,
         }
-        cfg = load_config(config, overrides, preset="long" if long else None)
+        if long and preset not in (None, "long"):
+            raise ConfigError(f"--long and --preset {preset}: choose one preset")
+        cfg = load_config(config, overrides, preset="long" if long else preset)
     except ConfigError as e:
         _fail(str(e))
     if cfg.device == "cuda":

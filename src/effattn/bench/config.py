@@ -105,7 +105,7 @@ class BenchConfig:
 
 
 #: packaged presets merged over ``default.toml`` (``effattn bench --long``)
-PRESETS = {"long": "long.toml"}
+PRESETS = {"long": "long.toml", "peers": "peers.toml"}
 
 
 def default_toml_text(name: str = "default.toml") -> str:
