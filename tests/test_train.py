@@ -154,7 +154,7 @@ def test_bad_arguments_one_line_error_exit_2(args, needle):
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     lines = [x for x in res.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], res.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
 
 
 def test_method_option_named_like_a_model_argument_reaches_the_attention(tmp_path):

@@ -15,12 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from effattn.cli_args import fail as _fail
 from effattn.training.config import TrainConfig, build_config, parse_options, validate
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"Error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 def train_cmd(

@@ -11,20 +11,10 @@ from typing import List, Optional
 
 import typer
 
+from effattn.cli_args import fail as _fail, split_values as _split
+
 bench_app = typer.Typer(add_completion=False, invoke_without_command=True,
                         help="Benchmark attention methods: speed, memory, FLOPs, accuracy.")
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
-def _split(values: Optional[List[str]]) -> Optional[list]:
-    """Repeated and/or comma-separated option values as one list (None if not given)."""
-    if not values:
-        return None
-    return [x for v in values for x in v.replace(",", " ").split() if x]
 
 
 def _lengths(values: Optional[List[str]]) -> Optional[list]:

@@ -37,6 +37,8 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from effattn.cli_args import split_values as _split
+
 __all__ = [
     "DEFAULT_OPTIONS", "SKIP", "pydoc_texts", "split_passages", "build_passages", "method_plan",
     "top1_agreement", "run_quality", "render_markdown", "plot", "write_outputs", "register",
@@ -441,12 +443,6 @@ def _parse_overrides(items: Optional[Sequence[str]]) -> dict:
             val = raw
         out.setdefault(method, {})[opt] = val
     return out
-
-
-def _split(values: Optional[Sequence[str]]) -> Optional[list]:
-    if not values:
-        return None
-    return [x for v in values for x in v.replace(",", " ").split() if x]
 
 
 def quality(passages: int = 64, max_tokens: int = 256, batch_size: int = 16,

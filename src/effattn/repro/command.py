@@ -18,22 +18,12 @@ from typing import List, Optional
 
 import typer
 
+from effattn.cli_args import fail as _fail, split_values as _split
+
 repro_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Reproduce published quality tables (Reformer, LRA ListOps, Zoology MQAR) at CPU scale.")
 
 DEFAULT_OUT = os.path.join("runs", "repro")
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
-
-
-def _split(values: Optional[List[str]]) -> Optional[list]:
-    """Repeated and/or comma-separated values as one list (None if not given)."""
-    if not values:
-        return None
-    return [x for v in values for x in v.replace(",", " ").split() if x]
 
 
 def command_text(ctx: typer.Context) -> str:
