@@ -148,7 +148,7 @@ def listops_cmd(
 def mqar_cmd(
     ctx: typer.Context,
     methods: Optional[List[str]] = typer.Option(None, "--methods", "-m", help="causal methods (comma-separated or repeated); default every one"),
-    settings: Optional[str] = typer.Option(None, "--settings", help="LENGTH:PAIRS list, default 64:4,128:8 (Zoology's hardest: 512:64 with --vocab 256)"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="LENGTH:PAIRS list, default 64:4 (Zoology's range: 64:4,128:8,256:16,512:64 with --vocab 256)"),
     steps: Optional[int] = typer.Option(None, help="training steps per method (the settings take turns)"),
     batch: Optional[int] = typer.Option(None, help="batch size"),
     train_pool: Optional[int] = typer.Option(None, help="distinct training sequences per setting"),

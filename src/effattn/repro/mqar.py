@@ -24,7 +24,7 @@ from effattn.training.config import TrainConfig
 
 #: exact methods that compute the same function as ``full`` (run only when asked for)
 EXACT_DUPLICATES = ("naive", "blockwise")
-DEFAULT_SETTINGS = ((64, 4), (128, 8))  # Zoology's (512, 64): --settings 512:64 --vocab 256 (GPU)
+DEFAULT_SETTINGS = ((64, 4),)  # what a CPU budget learns; Zoology's range: --settings 64:4,128:8,256:16,512:64 --vocab 256 (GPU)
 
 
 @dataclasses.dataclass
@@ -39,8 +39,8 @@ class MQARSettings:
     dim: int = 64
     layers: int = 2
     heads: int = 2
-    steps: int = 2500  # in all, shared by the settings in turn (full attention learns
-    batch: int = 64    # N=64 past 2,000 steps here: MQAR has a long plateau at 1/pairs)
+    steps: int = 3000  # in all, shared by the settings in turn (full attention leaves the
+    batch: int = 64    # plateau at 1/pairs after ~1,000 steps at N=64 and is ~90 % at 2,800)
     lr: float = 3e-3
     pos: str = "rotary"  # relative positions: the induction circuit forms far sooner
     weight_decay: float = 0.1
@@ -99,18 +99,20 @@ def check_methods(methods: list) -> None:
 
 
 def method_options(method: str, max_len: int) -> dict:
-    """Options that keep ``method`` sparse / approximate at the longer settings (blocks and
-    windows of 32, hash chunks of 32, 64 random features)."""
+    """Options that keep ``method`` sparse / approximate at the longest setting ``max_len``:
+    blocks of ``u = max(4, max_len // 16)`` tokens, windows and hash chunks of ``2u`` (at
+    N = 64: a query sees about a third of the keys), 64 random features."""
+    u = max(4, max_len // 16)
     if method == "lsh":
-        return {"n_hashes": 2, "chunk_len": 32}
+        return {"n_hashes": 2, "chunk_len": 2 * u}
     if method == "sparse_strided":
-        return {"stride": 32, "block_size": 32}
+        return {"stride": 2 * u, "block_size": u}
     if method == "sparse_fixed":
-        return {"stride": 64, "block_size": 32, "summary": 8}
+        return {"stride": 4 * u, "block_size": u, "summary": max(1, u // 2)}
     if method == "longformer":
-        return {"window": 32, "block_size": 32}
+        return {"window": 2 * u, "block_size": u}
     if method in ("bigbird", "bigbird_etc"):
-        opts = {"block_size": 32, "n_window_blocks": 3, "n_global_blocks": 1, "n_random_blocks": 1}
+        opts = {"block_size": u, "n_window_blocks": 3, "n_global_blocks": 1, "n_random_blocks": 1}
         if method == "bigbird_etc":
             opts["extra_global_tokens"] = 2
         return opts
@@ -154,8 +156,9 @@ def run(s: MQARSettings, methods: Optional[list], out_dir: Path, *, console, pro
             "published": {"source": ZOOLOGY_SOURCE, "per_method": {m: zoology_mqar(m) for m in chosen}},
             "notes": [f"Chance accuracy is {100 / (s.vocab - s.vocab // 2):.1f} % (one of the "
                       f"{s.vocab - s.vocab // 2} value tokens).",
-                      "Methods with blocks/windows of 32 see (nearly) every key at N = 64: there they are "
-                      "close to exact attention by construction."],
+                      "Blocks, windows and hash chunks are sized to the longest setting (see the options "
+                      "column): each query sees a fraction of the keys, so recall beyond the pattern has "
+                      "to come from global tokens, random blocks or hashing."],
             "wall_time_s": time.perf_counter() - t0, "plots": [],
         }
         done = len({r["method"] for r in runs})
