@@ -301,3 +301,14 @@ def test_peer_adapters_document_matched_settings():
 
     for name, p in PEERS.items():
         assert p.ours and len(p.matched) > 40, name
+
+
+def test_backend_of_the_timed_calls_is_recorded():
+    """Block-sparse methods report the engine backend that ran (own tiles with gradients);
+    methods off the engine report none."""
+    from effattn.bench.measure import time_case
+
+    sparse = method_target("longformer", cfgmod.MethodSettings(options={"window": 16}))
+    res = time_case(_time_task(sparse, N=128, backward=True))
+    assert res["backend"] == "engine"
+    assert time_case(_time_task(method_target("full", cfgmod.MethodSettings()), N=128))["backend"] is None

@@ -27,6 +27,7 @@ import torch
 
 from effattn.bench.cases import make_inputs
 from effattn.bench.targets import NotApplicable, Target, build
+from effattn.mechanisms.blocksparse import BACKEND_CALLS
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
@@ -136,7 +137,8 @@ def time_case(task: dict) -> dict:
     (over the first call when ``warmup = 0``), so one-time costs (``torch.compile`` of a
     FlexAttention dispatch, caches) count neither in time nor memory; the first call's
     time is reported on its own as ``first_call_s``.
-    Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float}``.
+    Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float,
+    "backend": "engine" | "flexattention" | both joined by "+" | None (no block-sparse call)}``.
     """
     dev, dtype, backward = task["device"], TORCH_DTYPES[task["dtype"]], task["backward"]
     B, H, N, D, Dv = task["batch"], task["heads"], task["N"], task["dim"], task["dim_v"]
@@ -167,6 +169,7 @@ def time_case(task: dict) -> dict:
         call()
         first = time.perf_counter() - t0 if first is None else first
     times, peak = [], None
+    calls_before = dict(BACKEND_CALLS)
     for _ in range(max(1, task["repeats"])):
         if peak is None:
             mem.start()
@@ -175,8 +178,11 @@ def time_case(task: dict) -> dict:
         times.append(time.perf_counter() - t0)
         if peak is None:
             peak = mem.peak_above()
+    used = sorted(b for b, n in BACKEND_CALLS.items() if n > calls_before.get(b, 0))
     return {"status": "ok", "times": times, "peak_mem_bytes": int(peak),
             "first_call_s": times[0] if first is None else first,
+            # block-sparse methods: which engine backend ran the timed calls (else None)
+            "backend": "+".join(used) or None,
             "memory_probe": "cuda max_memory_allocated" if dev == "cuda"
             else ("VmHWM" if getattr(mem, "reset_ok", False) else "ru_maxrss")}
 

@@ -80,6 +80,9 @@ def render(results: dict) -> str:
         "- memory: peak above the process after creating the inputs (CPU: resident-set high-water "
         "mark; CUDA: max_memory_allocated), over the first timed call (after the warm-up, so "
         "one-time compile costs are not counted; `results.json` keeps each case's `first_call_s`)",
+        "- backend: for methods on the block-sparse engine, what ran the timed calls — `engine` "
+        "(effattn's own tiles) or `flexattention` (compiled torch FlexAttention, no-grad CPU / "
+        "CUDA calls without lse; switch with `EFFATTN_FLEX=off|auto|on`)",
         "- FLOPs: each method's registry formula (forward"
         + (", ×3 for forward+backward" if cfg["backward"] else "") + "); peers use their matched "
         "method's formula; efficiency = achieved FLOP/s ÷ measured matmul rate",
@@ -106,12 +109,12 @@ def render(results: dict) -> str:
         n_acc = below[-1] if below else (acc_ns[0] if acc_ns else None)
         lines += [f"## N = {N}", "",
                   "| method | time (median) | IQR | × SDPA | peak memory | FLOPs | GFLOP/s | efficiency | "
-                  + "".join(f"error {f} @N={n_acc} | " for f in fams),
-                  "|---|---|---|---|---|---|---|---|" + "---|" * len(fams)]
+                  + "".join(f"error {f} @N={n_acc} | " for f in fams) + "backend |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * (len(fams) + 1)]
         for c in rows:
             if c["status"] != "ok":
                 lines.append(f"| {c['label']} | {_status_cell(c)} | | | | {fmt_flops(c['flops'])} | | | "
-                             + errs(c["label"], n_acc))
+                             + errs(c["label"], n_acc) + " |")
                 continue
             t = c["time_s"]
             ratio = "—" if c["ratio_to_sdpa"] is None else f"{c['ratio_to_sdpa']:.2f}"
@@ -120,7 +123,7 @@ def render(results: dict) -> str:
             lines.append(
                 f"| {c['label']} | {fmt_time(t['median'])} | {fmt_time(t['q1'])}–{fmt_time(t['q3'])} | "
                 f"{ratio} | {fmt_bytes(c['peak_mem_bytes'])} | {fmt_flops(c['flops'])} | {gf} | {eff} | "
-                + errs(c["label"], n_acc))
+                + errs(c["label"], n_acc) + f"{c.get('backend') or '—'} |")
         lines.append("")
     lines += _accuracy_section(results, acc_ns)
     lines += _recommend_section(results)

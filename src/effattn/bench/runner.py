@@ -92,6 +92,7 @@ def time_record(cfg: BenchConfig, target: Target, N: int, machine_gflops: Option
         rec["time_s"] = summarize(res["times"])
         rec["peak_mem_bytes"] = res["peak_mem_bytes"]
         rec["first_call_s"] = res.get("first_call_s")
+        rec["backend"] = res.get("backend")
         rec["memory_probe"] = res.get("memory_probe")
         if rec["flops"]:
             work = rec["flops"] * (BACKWARD_FLOP_FACTOR if cfg.backward else 1.0)

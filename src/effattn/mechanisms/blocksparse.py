@@ -26,6 +26,7 @@ peak extra memory is one group of tiles, sized by ``tile_budget`` elements.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Optional
@@ -39,6 +40,10 @@ from effattn.softmax import online_finish, online_init, online_update, safe_lse,
 
 #: default number of score elements (all batch/head rows included) per processed group
 DEFAULT_TILE_BUDGET = 1 << 21
+
+#: engine calls per backend since import, ``{"flexattention": n, "engine": m}`` (the bench
+#: reads the difference around a case to report which backend ran)
+BACKEND_CALLS = collections.Counter()
 
 
 @dataclasses.dataclass
@@ -382,7 +387,9 @@ def block_sparse_attention(
     kc = _pad_rows(k.to(cdt), NK).contiguous()
     vc = _pad_rows(v.to(cdt), NK).contiguous()
     if _flex.usable(plan, qc, kc, vc, need_lse):
+        BACKEND_CALLS["flexattention"] += 1
         out, lse = _flex.forward(plan, qc, kc, vc, need_lse)
     else:
+        BACKEND_CALLS["engine"] += 1
         out, lse = _EngineFn.apply(qc, kc, vc, plan)
     return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])
