@@ -153,3 +153,24 @@ def test_bigbird_single_layout_for_flex_equals_row_pieces(causal):
     own, flex = _both(lambda: effattn.attention(q, k, v, "bigbird", causal=causal, block_size=8,
                                                 n_random_blocks=2))
     torch.testing.assert_close(flex, own, **TOL)
+
+
+def test_recompile_limit_falls_back_to_own_path_not_to_eager_flex(monkeypatch):
+    """Past dynamo's recompile limit torch would run FlexAttention eagerly (N x N scores);
+    the dispatch falls back to the engine's own tiles instead, with the same result, and
+    stops dispatching in the process."""
+    import torch._dynamo
+
+    monkeypatch.setattr(_flex, "_exhausted", False)
+    monkeypatch.setattr(_flex, "_compiled", None)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (64, 96):  # the second shape needs a second compile: over the limit
+            q, k, v = rand_qkv(1, 2, n, n, 16, dtype=torch.float32, seed=n)
+            layout = _layout(n // 16, n // 16, 2, g, B=1, H=2)
+            own, flex = _both(lambda: block_sparse_attention(q, k, v, layout, block_q=16, block_k=16,
+                                                                  scale=0.25, need_lse=False)[0])
+            torch.testing.assert_close(flex, own, **TOL)
+    assert _flex.exhausted()
+    torch._dynamo.reset()

@@ -27,6 +27,11 @@ When it is used (:func:`usable`):
   variable): ``"off"`` (``0``) never, ``"on"`` (``1``) whenever possible, ``"auto"`` (the
   default) only for calls of at least :data:`MIN_SCORES` score elements, where the
   one-time ``torch.compile`` (seconds) pays off.
+
+When ``torch.compile`` reaches dynamo's recompile limit (one compile per shape and
+pattern; 8 by default), torch would run FlexAttention eagerly, which materializes the
+whole ``NQ x NK`` score matrix.  The dispatch asks dynamo to raise instead, falls back to
+the own path for that call and stops dispatching in this process (:func:`exhausted`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ _MODES = {"0": "off", "off": "off", "false": "off", "1": "on", "on": "on", "true
 _override: Optional[str] = None
 _cache: "OrderedDict[tuple, Optional[tuple]]" = OrderedDict()
 _compiled = None
+_exhausted = False  # dynamo's recompile limit was hit: no more dispatch in this process
 
 
 def available() -> bool:
@@ -166,13 +172,18 @@ def _full_slots(plan) -> Optional[torch.Tensor]:
     return full.expand(shape) & torch.gather(ok, -1, lay.clamp(min=0).expand(shape))
 
 
+def exhausted() -> bool:
+    """Whether dispatch stopped because ``torch.compile`` hit its recompile limit."""
+    return _exhausted
+
+
 def would_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool,
                    scores: int) -> bool:
     """Whether a layout call on ``q``, ``k``, ``v`` computing ``scores`` score elements
     (``B·H·rows·keys per row``) would go to FlexAttention, pattern aside: mode,
     availability, device, gradients, log-sum-exp, dtype and the ``auto`` size rule."""
     m = mode()
-    if m == "off" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if m == "off" or _exhausted or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu":
@@ -249,7 +260,10 @@ def _mods(plan, member: torch.Tensor):
 
 def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool):
     """FlexAttention on the engine's padded tensors ``q [B,H,NQ,D]``, ``k [B,H,NK,D]``,
-    ``v [B,H,NK,Dv]`` -> ``(out [B,H,NQ,Dv], lse [B,H,NQ] float32 or None)``."""
+    ``v [B,H,NK,Dv]`` -> ``(out [B,H,NQ,Dv], lse [B,H,NQ] float32 or None)``, or None when
+    ``torch.compile`` has hit its recompile limit (the caller then runs its own path)."""
+    global _exhausted
+    import torch._dynamo
     from torch.nn.attention.flex_attention import BlockMask
 
     num, idx, fnum, fidx, member = block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan))
@@ -258,8 +272,13 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
     bm = BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=(plan.block_q, plan.block_k),
                                   mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
                                   compute_q_blocks=training)
-    res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=plan.scale,
-                           return_lse=need_lse)
+    try:  # never the eager fallback: it materializes the NQ x NK scores
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=plan.scale,
+                                   return_lse=need_lse)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        _exhausted = True
+        return None
     if not need_lse:
         return res, None
     out, lse = res

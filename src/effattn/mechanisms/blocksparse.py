@@ -386,9 +386,10 @@ def block_sparse_attention(
     qc = _pad_rows(q.to(cdt), NQ).contiguous()
     kc = _pad_rows(k.to(cdt), NK).contiguous()
     vc = _pad_rows(v.to(cdt), NK).contiguous()
-    if _flex.usable(plan, qc, kc, vc, need_lse):
+    res = _flex.forward(plan, qc, kc, vc, need_lse) if _flex.usable(plan, qc, kc, vc, need_lse) else None
+    if res is not None:
         BACKEND_CALLS["flexattention"] += 1
-        out, lse = _flex.forward(plan, qc, kc, vc, need_lse)
+        out, lse = res
     else:
         BACKEND_CALLS["engine"] += 1
         out, lse = _EngineFn.apply(qc, kc, vc, plan)
