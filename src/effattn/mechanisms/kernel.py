@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from effattn.api import register
-from effattn.softmax import softmax_lse, stat_dtype
+from effattn.softmax import stat_dtype
 
 __all__ = [
-    "feature_map_attention", "dense_feature_map_attention", "orthogonal_gaussian",
+    "feature_map_attention", "streamed_feature_attention", "dense_feature_map_attention", "orthogonal_gaussian",
     "performer_projection", "linear_features", "taylor_features", "efficient_features",
     "performer_features", "reset_feature_generators",
 ]
@@ -75,6 +75,97 @@ def _check_chunk(chunk) -> int:
     return chunk
 
 
+def _stream_rows(B: int, H: int, M: int, n: int, budget: int = 1 << 20) -> int:
+    """Positions per chunk of the non-causal stream: ``B·H·rows·M`` about ``budget``
+    elements (4 MB in float32 — cache-sized, and reused by the allocator instead of
+    page-faulting a fresh ``N x M`` buffer per call)."""
+    return max(16, min(n, budget // max(1, B * H * M)))
+
+
+def streamed_feature_attention(
+    q_inputs: tuple,
+    k_inputs: tuple,
+    v: torch.Tensor,
+    q_map,
+    k_map,
+    *,
+    n_features: int,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Non-causal ``phi(Q) (phi(K)^T V)`` normalized, streamed over positions.
+
+    ``q_inputs``: tensors ``[B, H, Nq, ·]`` sliced together along positions and passed to
+    ``q_map(*slices) -> phi_q [B, H, r, M]``; ``k_inputs``: tensors ``[B, H, Nk, ·]`` (or
+    ``[B, H, Nk]``) passed to ``k_map(*slices) -> (psi_k [B, H, r, M], log_k [B, H, r] |
+    None)``, the key features being ``exp(log_k) psi_k``; ``n_features`` = M (sizes the
+    chunks); ``v [B, H, Nk, Dv]`` with padded rows finite; ``padding_mask`` bool
+    ``[B, Nk]`` (True = real key).
+    Returns ``out [B, H, Nq, Dv]`` in ``v.dtype``; a query with no real key (or an all-zero
+    kernel row) outputs zeros.
+
+    Keys are consumed a cache-sized chunk of positions at a time into
+    ``S = sum_j phi(k_j) [v_j, 1]`` (``[B, H, M, Dv + 1]``): ``log_k`` is folded in against a running maximum ``c`` (the
+    stored sum is rescaled by ``exp(c_old - c_new)`` when it grows — the constant cancels
+    in the ratio), so no ``N x M`` feature tensor ever exists; then each query chunk is
+    one matmul ``phi(q) S`` giving numerator and normalizer together.  Autograd flows
+    through every chunk (``log_k`` included; ``c`` is gradient-free).
+    """
+    B, H, Nk, Dv = v.shape
+    Nq = q_inputs[0].shape[2]
+    S = c = None
+    R = _stream_rows(B, H, n_features, Nk)
+    # split (not slicing): its backward is one concatenation, where each slice's backward
+    # would allocate a zero tensor of the full input -> quadratic in N
+    k_chunks = list(zip(*[t.split(R, dim=2) for t in k_inputs], v.split(R, dim=2)))
+    for i, (*k_parts, v_part) in enumerate(k_chunks):
+        s0 = i * R
+        e = s0 + v_part.shape[2]
+        psi, log_k = k_map(*k_parts)
+        valid = None if padding_mask is None else padding_mask[:, None, s0:e]  # [B, 1, r]
+        rescale = None
+        if log_k is not None:
+            ld = log_k.detach()
+            if valid is not None:
+                ld = ld.masked_fill(~valid, float("-inf"))
+            cm = ld.amax(-1, keepdim=True)  # [B, H, 1]
+            c_new = cm if c is None else torch.maximum(c, cm)
+            c_safe = torch.where(torch.isneginf(c_new), torch.zeros_like(c_new), c_new)
+            if S is not None:  # the stored sum is zero while c is -inf
+                rescale = torch.where(torch.isneginf(c), torch.zeros_like(c), torch.exp(c - c_safe))
+            c = c_new
+            expo = log_k - c_safe
+            if valid is not None:
+                expo = expo.masked_fill(~valid, float("-inf"))
+            psi = psi * torch.exp(expo)[..., None]
+        elif valid is not None:
+            psi = psi.masked_fill(~valid[..., None], 0.0)
+        part = torch.cat([torch.matmul(psi.transpose(-1, -2), v_part),
+                          psi.sum(-2)[..., None]], dim=-1)  # [B, H, M, Dv + 1]
+        if S is None:
+            S = part
+        elif rescale is not None:
+            S = S * rescale[..., None] + part
+        else:
+            S = S + part
+    if S is None:  # no keys at all
+        return v.new_zeros(B, H, Nq, Dv)
+    grad = torch.is_grad_enabled() and (S.requires_grad or any(t.requires_grad for t in q_inputs))
+    out = None if grad else v.new_empty(B, H, Nq, Dv)
+    pieces = []
+    Rq = _stream_rows(B, H, n_features, Nq)
+    q_chunks = list(zip(*[t.split(Rq, dim=2) for t in q_inputs]))
+    for i, q_parts in enumerate(q_chunks):
+        s0 = i * Rq
+        phi_q = q_map(*q_parts)
+        nd = torch.matmul(phi_q, S)  # [B, H, r, Dv + 1]
+        o = _normalize(nd[..., :Dv], nd[..., Dv], None)
+        if out is None:
+            pieces.append(o)
+        else:
+            out[:, :, s0:s0 + Rq] = o
+    return torch.cat(pieces, dim=2) if out is None else out
+
+
 def feature_map_attention(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -85,41 +176,36 @@ def feature_map_attention(
     k_log: Optional[torch.Tensor] = None,
     chunk: int = 64,
 ) -> torch.Tensor:
-    """THE kernel-attention path: ``phi(Q) (phi(K)^T V)`` normalized, with masks.
+    """THE kernel-attention path for precomputed features: ``phi(Q) (phi(K)^T V)``
+    normalized, with masks.
 
     ``phi_q [B, H, Nq, M]``, ``phi_k [B, H, Nk, M]``, ``v [B, H, Nk, Dv]`` (one dtype);
     ``padding_mask`` bool ``[B, Nk]`` (True = real key); ``k_log [B, H, Nk]`` optional
     per-key log-scale (the key's features are ``exp(k_log) * phi_k``; it may carry
     gradient).  ``causal``: query i sees keys ``j <= i`` (top-left alignment), computed
-    by chunked prefix sums with ``chunk`` positions per chunk.
+    by chunked prefix sums with ``chunk`` positions per chunk; non-causal runs the
+    streamed path (:func:`streamed_feature_attention`).
     Returns ``out [B, H, Nq, Dv]`` in ``phi_q.dtype``; a query with no allowed key (or
     an all-zero kernel row) outputs zeros.  Padded keys' ``phi_k``/``v`` must be finite
     (callers zero them with :func:`zero_padded`).
     """
     _check_chunk(chunk)
-    valid = _key_valid(padding_mask, phi_k.shape[2])
     if causal:
-        return _causal(phi_q, phi_k, v, valid, k_log, chunk)
-    if valid is not None:
-        v = v.masked_fill(~valid[..., None], 0.0)
-    if k_log is not None:
-        s = k_log.detach()
-        if valid is not None:
-            s = s.masked_fill(~valid, float("-inf"))
-        c = s.amax(-1, keepdim=True)
-        c = torch.where(torch.isneginf(c), torch.zeros_like(c), c)
-        expo = k_log - c
-        if valid is not None:
-            expo = expo.masked_fill(~valid, float("-inf"))
-        phi_k = phi_k * torch.exp(expo)[..., None]
-    elif valid is not None:
-        phi_k = phi_k.masked_fill(~valid[..., None], 0.0)
-    kv = torch.matmul(phi_k.transpose(-1, -2), v)  # [B, H, M, Dv]
-    z = phi_k.sum(-2)  # [B, H, M]
-    num = torch.matmul(phi_q, kv)
-    den = torch.matmul(phi_q, z[..., None])[..., 0]
-    has_key = None if valid is None else valid.any(-1, keepdim=True)  # [B, 1, 1]
-    return _normalize(num, den, has_key)
+        return _causal(phi_q, phi_k, v, _key_valid(padding_mask, phi_k.shape[2]), k_log, chunk)
+    if padding_mask is not None:
+        v = zero_padded(v, padding_mask[:, :v.shape[2]])
+    k_inputs = (phi_k,) if k_log is None else (phi_k, k_log)
+    return streamed_feature_attention(
+        (phi_q,), k_inputs, v, _identity, _identity_keys, n_features=phi_k.shape[-1],
+        padding_mask=padding_mask)
+
+
+def _identity(x):
+    return x
+
+
+def _identity_keys(psi, log_k=None):
+    return psi, log_k
 
 
 def _causal(phi_q, phi_k, v, valid, k_log, C):
@@ -230,7 +316,7 @@ def dense_feature_map_attention(phi_q, phi_k, v, *, causal, padding_mask=None, k
 
 def linear_features(x: torch.Tensor) -> torch.Tensor:
     """Katharopoulos et al.: ``elu(x) + 1`` (positive), ``[..., D] -> [..., D]``."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # elu saves its input for backward, so in place is safe
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -243,15 +329,18 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
 def efficient_features(q, k, padding_mask, temperature: float):
     """Shen et al.: ``rho_q(Q)`` = softmax of each query over its features, ``rho_k(K)`` =
     softmax of each feature over the real key positions.  ``q [B,H,Nq,D]``,
-    ``k [B,H,Nk,D]`` -> ``([B,H,Nq,D], [B,H,Nk,D])``; both are multiplied by
-    ``temperature`` first.  Padded keys get weight 0; a batch row with no real key
-    gets all-zero key features."""
+    ``k [B,H,Nk,D]`` -> ``(phi_q [B,H,Nq,D], psi_k [B,H,Nk,D], z [B,H,D])`` with
+    ``rho_k(K) = psi_k / z`` (column sums ``z``, 0 for a batch row without real keys,
+    whose ``psi_k`` is then all zero); both inputs are multiplied by ``temperature``
+    first.  Padded keys get weight 0.  The division by ``z`` is left to the caller, who
+    applies it to ``psi_k^T V`` (``D x Dv``) instead of ``N x D`` features."""
     phi_q = torch.softmax(q * temperature, dim=-1)
-    sk = (k * temperature).transpose(-1, -2)  # [B, H, D, Nk]
+    sk = k * temperature
     if padding_mask is not None:
-        sk = sk.masked_fill(~padding_mask[:, None, None, :], float("-inf"))
-    phi_k, _ = softmax_lse(sk)
-    return phi_q, phi_k.transpose(-1, -2)
+        sk = sk.masked_fill_(~padding_mask[:, None, :, None], float("-inf"))
+    c = sk.detach().amax(-2, keepdim=True)  # [B, H, 1, D]: per-feature max over keys
+    psi = sk.sub_(torch.where(torch.isneginf(c), torch.zeros_like(c), c)).exp_()
+    return phi_q, psi, psi.sum(-2)
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -317,9 +406,10 @@ def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bo
     """
     proj = torch.matmul(x, w.T)  # [B, H, N, M]
     if kind == "softmax":
-        u = proj - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        # in place: matmul's backward needs only its inputs, exp_'s only its result
+        u = proj.sub_(0.5 * x.pow(2).sum(-1, keepdim=True))
         m = u.detach().amax(-1, keepdim=True)
-        psi = torch.exp(u - m)
+        psi = u.sub_(m).exp_()
         return psi, (None if is_query else m[..., 0])
     psi = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
     return psi, (None if is_query else 0.5 * x.pow(2).sum(-1))
@@ -338,6 +428,16 @@ def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
     return 2.0 * B * H * (intra + states)
 
 
+def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk):
+    """One feature map ``phi`` (``[..., D] -> [..., M]``, the same for queries and keys)
+    through the shared path: causal on whole feature tensors, non-causal streamed."""
+    if causal:
+        return feature_map_attention(phi(q), phi(k), v, causal=True, padding_mask=padding_mask,
+                                     chunk=chunk)
+    return streamed_feature_attention((q,), (k,), v, phi, lambda x: (phi(x), None),
+                                      n_features=M, padding_mask=padding_mask)
+
+
 def _prep(q, k, v, padding_mask):
     cdt = stat_dtype(q.dtype)
     return (q.to(cdt), zero_padded(k.to(cdt), padding_mask), zero_padded(v.to(cdt), padding_mask))
@@ -349,8 +449,7 @@ def linear_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     temperature: ``scale`` does not change the result."""
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
-    out = feature_map_attention(linear_features(qc), linear_features(kc), vc, causal=causal,
-                                padding_mask=padding_mask, chunk=chunk)
+    out = _apply_map(linear_features, qc, kc, vc, q.shape[-1], causal, padding_mask, chunk)
     return out.to(q.dtype), None
 
 
@@ -361,8 +460,7 @@ def taylor_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     Shapes as :func:`linear_attention`."""
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
-    out = feature_map_attention(taylor_features(qc), taylor_features(kc), vc, causal=causal,
-                                padding_mask=padding_mask, chunk=chunk)
+    out = _apply_map(taylor_features, qc, kc, vc, q.shape[-1] + 1, causal, padding_mask, chunk)
     return out.to(q.dtype), None
 
 
@@ -372,8 +470,13 @@ def efficient_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
     Non-causal only.  Shapes as :func:`linear_attention`."""
     qc, kc, vc = _prep(q, k, v, padding_mask)
     t = math.sqrt(scale)
-    phi_q, phi_k = efficient_features(qc, kc, padding_mask, t)
-    out = feature_map_attention(phi_q, phi_k, vc, causal=False, padding_mask=padding_mask)
+    phi_q, psi_k, z = efficient_features(qc, kc, padding_mask, t)
+    # both feature maps are softmaxes, so the kernel is already normalized: each key
+    # feature sums to 1 over the real keys and each query's features sum to 1, hence
+    # phi(q_i)·sum_j phi(k_j) = 1 (a batch row without real keys has psi_k = 0 -> zeros)
+    kv = torch.matmul(psi_k.transpose(-1, -2), vc)  # [B, H, D, Dv]
+    kv = kv / torch.where(z == 0, torch.ones_like(z), z)[..., None]
+    out = torch.matmul(phi_q, kv)
     return out.to(q.dtype), None
 
 
@@ -418,10 +521,16 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
         projection = performer_projection(n_features, D, seed=seed, redraw=redraw, generator=generator)
     w = projection.to(device=qc.device, dtype=qc.dtype)
     r = scale ** 0.5
-    phi_q, _ = performer_features(qc * r, w, kernel, is_query=True)
-    phi_k, k_log = performer_features(kc * r, w, kernel, is_query=False)
-    out = feature_map_attention(phi_q, phi_k, vc, causal=causal, padding_mask=padding_mask,
-                                k_log=k_log, chunk=chunk)
+    if causal:
+        phi_q, _ = performer_features(qc * r, w, kernel, is_query=True)
+        phi_k, k_log = performer_features(kc * r, w, kernel, is_query=False)
+        out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
+                                    k_log=k_log, chunk=chunk)
+    else:
+        out = streamed_feature_attention(
+            (qc,), (kc,), vc, lambda x: performer_features(x * r, w, kernel, is_query=True)[0],
+            lambda x: performer_features(x * r, w, kernel, is_query=False),
+            n_features=w.shape[0] * (2 if kernel == "trig" else 1), padding_mask=padding_mask)
     return out.to(q.dtype), None
 
 
