@@ -319,7 +319,7 @@ def test_rounds_split_over_calls_recompute_and_match_one_call(monkeypatch):
         return out, lse, grads
 
     one = run()
-    monkeypatch.setattr(lsh_mod, "ROUND_GATHER_BYTES", 1)
+    monkeypatch.setattr(lsh_mod, "GROUP_GATHER_BYTES", 1)
     split = run()
     torch.testing.assert_close(split[0], one[0])
     torch.testing.assert_close(split[1], one[1])

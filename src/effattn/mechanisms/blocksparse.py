@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -301,6 +302,82 @@ def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch
     return _pad_last(pos.long(), n_pad, value=-1)
 
 
+def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclude_self=False,
+             q_pos=None, k_pos=None, k_valid=None, pair_mask=None, tile_budget=None,
+             group_blocks=None, slot_chunk=None, full_slots=None):
+    """Validate a call, build its :class:`_Plan` and pad/cast ``q, k, v`` to block multiples
+    in the statistics dtype -> ``(plan, qc, kc, vc)`` (arguments as
+    :func:`block_sparse_attention`)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    tile_budget = DEFAULT_TILE_BUDGET if tile_budget is None else tile_budget
+    cdt = stat_dtype(q.dtype)
+    nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
+    NQ, NK = nqb * block_q, nkb * block_k
+    default_pos = q_pos is None and k_pos is None
+    qp = _positions(q_pos, Nq, NQ, q.device)
+    kp = _positions(k_pos, Nk, NK, q.device)
+    kvalid = None if k_valid is None else _pad_last(k_valid, NK, value=False)
+    if kvalid is None and NK > Nk:
+        kvalid = (torch.arange(NK, device=q.device) < Nk)[None, None]
+    if kv_blocks is not None:
+        if kv_blocks.dim() != 4 or kv_blocks.shape[2] != nqb:
+            raise ValueError(
+                f"kv_blocks: expected [B|1, H|1, {nqb}, S], got {tuple(kv_blocks.shape)}")
+        if kv_blocks.numel() and int(kv_blocks.max()) >= nkb:
+            raise ValueError(f"kv_blocks: index {int(kv_blocks.max())} >= number of key blocks {nkb}")
+        kv_blocks = kv_blocks.long()
+    # group sizing: keep B*H*(rows)*(keys) within the tile budget
+    if kv_blocks is None:
+        if slot_chunk is None:
+            slot_chunk = max(1, min(nkb, tile_budget // max(1, B * H * block_q * block_k)))
+        if group_blocks is None:
+            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
+    else:
+        S = kv_blocks.shape[-1]
+        if slot_chunk is None:
+            slot_chunk = max(1, S)
+        if group_blocks is None:
+            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
+    plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
+                 qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
+                 None if kv_blocks is None else full_slots)
+    qc = _pad_rows(q.to(cdt), NQ).contiguous()
+    kc = _pad_rows(k.to(cdt), NK).contiguous()
+    vc = _pad_rows(v.to(cdt), NK).contiguous()
+    return plan, qc, kc, vc
+
+
+def block_sparse_forward(q, k, v, kv_blocks, **kw):
+    """The engine's own forward without autograd (no FlexAttention dispatch):
+    ``(out [B, H, Nq, Dv]`` in the statistics dtype, ``lse [B, H, Nq])``.  Arguments as
+    :func:`block_sparse_attention`; callers that stream pieces of a larger attention
+    (LSH) pair it with :func:`block_sparse_backward`."""
+    plan, qc, kc, vc = _prepare(q, k, v, kv_blocks, **kw)
+    with torch.no_grad():
+        out, lse = _forward(plan, qc, kc, vc)
+    return out[:, :, :q.shape[2]], lse[:, :, :q.shape[2]]
+
+
+def block_sparse_backward(q, k, v, out, lse, dout, dlse, kv_blocks, **kw):
+    """Gradients ``(dq, dk, dv)`` (shapes of ``q, k, v``, statistics dtype) of attention
+    restricted to ``kv_blocks`` given the *final* ``out [B, H, Nq, Dv]`` and
+    ``lse [B, H, Nq]`` of each query row and their gradients ``dout`` / ``dlse`` (or
+    None).  When ``lse`` is the log-sum-exp of a larger key set of which this layout is
+    one part (LSH rounds), the result is that part's share of the larger attention's
+    gradient: ``P = exp(S - lse)`` and ``D = rowsum(dout * out) - dlse`` are the larger
+    attention's.  Other arguments as :func:`block_sparse_attention`."""
+    plan, qc, kc, vc = _prepare(q, k, v, kv_blocks, **kw)
+    NQ = qc.shape[2]
+    cdt = qc.dtype
+    pad = functools.partial(_pad_rows, n=NQ)
+    lse_p = _pad_last(lse.to(cdt), NQ, float("-inf"))
+    dlse_p = None if dlse is None else _pad_last(dlse.to(cdt), NQ, 0.0)
+    with torch.no_grad():
+        dq, dk, dv = _backward(plan, qc, kc, vc, pad(out.to(cdt)), lse_p, pad(dout.to(cdt)), dlse_p)
+    return dq[:, :, :q.shape[2]], dk[:, :, :k.shape[2]], dv[:, :, :v.shape[2]]
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -349,43 +426,12 @@ def block_sparse_attention(
         differentiable (``lse`` too).  Queries with no allowed key give 0 and ``-inf``.
         ``lse`` is ``None`` when ``need_lse=False`` and FlexAttention ran.
     """
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    tile_budget = DEFAULT_TILE_BUDGET if tile_budget is None else tile_budget
-    cdt = stat_dtype(q.dtype)
-    nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
-    NQ, NK = nqb * block_q, nkb * block_k
-    default_pos = q_pos is None and k_pos is None
-    qp = _positions(q_pos, Nq, NQ, q.device)
-    kp = _positions(k_pos, Nk, NK, q.device)
-    kvalid = None if k_valid is None else _pad_last(k_valid, NK, value=False)
-    if kvalid is None and NK > Nk:
-        kvalid = (torch.arange(NK, device=q.device) < Nk)[None, None]
-    if kv_blocks is not None:
-        if kv_blocks.dim() != 4 or kv_blocks.shape[2] != nqb:
-            raise ValueError(
-                f"kv_blocks: expected [B|1, H|1, {nqb}, S], got {tuple(kv_blocks.shape)}")
-        if kv_blocks.numel() and int(kv_blocks.max()) >= nkb:
-            raise ValueError(f"kv_blocks: index {int(kv_blocks.max())} >= number of key blocks {nkb}")
-        kv_blocks = kv_blocks.long()
-    # group sizing: keep B*H*(rows)*(keys) within the tile budget
-    if kv_blocks is None:
-        if slot_chunk is None:
-            slot_chunk = max(1, min(nkb, tile_budget // max(1, B * H * block_q * block_k)))
-        if group_blocks is None:
-            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
-    else:
-        S = kv_blocks.shape[-1]
-        if slot_chunk is None:
-            slot_chunk = max(1, S)
-        if group_blocks is None:
-            group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
-    plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
-                 qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
-                 None if kv_blocks is None else full_slots)
-    qc = _pad_rows(q.to(cdt), NQ).contiguous()
-    kc = _pad_rows(k.to(cdt), NK).contiguous()
-    vc = _pad_rows(v.to(cdt), NK).contiguous()
+    plan, qc, kc, vc = _prepare(q, k, v, kv_blocks, block_q=block_q, block_k=block_k, scale=scale,
+                                causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos,
+                                k_valid=k_valid, pair_mask=pair_mask, tile_budget=tile_budget,
+                                group_blocks=group_blocks, slot_chunk=slot_chunk,
+                                full_slots=full_slots)
+    Nq = q.shape[2]
     res = _flex.forward(plan, qc, kc, vc, need_lse) if _flex.usable(plan, qc, kc, vc, need_lse) else None
     if res is not None:
         BACKEND_CALLS["flexattention"] += 1

@@ -29,14 +29,12 @@ The steps, each a small public function (the seed lab's worked examples exercise
    the sequence and ``n_chunks_before = 0`` (or ``n_hashes = 1``) it is the exact lse plus
    ``log(n_hashes)``, and ``log 2`` more when the previous round's chunk repeats every key.
 
-Memory is ``O(n_hashes * N * D)``: the engine runs as many rounds per call as fit in
-:data:`ROUND_GATHER_BYTES` of sorted copies (all of them up to moderate N: fewer, larger
-operations; one round at a time for long sequences: its queries are the round's sorted
-rows, its keys those rows plus the adjacent chunks of the neighbouring rounds), and the
-calls' results are merged as they come; the hash is computed in slices of positions.
-When the rounds take several calls and gradients are needed, each call is checkpointed
-(its sorted copies are recomputed in backward instead of kept), so training memory
-stays ``O(N·D)`` plus one call's copies.
+Memory is ``O(N·D)`` forward and backward: the sorted sequence is processed in groups
+of chunks (:data:`GROUP_GATHER_BYTES` of sorted copies each); a group's rows are folded
+into the per-token result with the log-sum-exp merge as they come, and the backward
+recomputes each group's copies and tiles from ``q, k, v`` and the merged ``out, lse``
+(the merged statistics make each group's share of the gradient exact); the hash is
+computed in slices of positions.
 
 Separate keys (``k`` given): queries and keys are hashed with the same rotations and
 sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
@@ -60,17 +58,17 @@ standard normal from a CPU ``torch.Generator``); per-head hashing takes an expli
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length
-from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.mechanisms.blocksparse import (
+    BACKEND_CALLS, block_sparse_backward, block_sparse_forward)
 from effattn.softmax import merge_partials, stat_dtype
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
@@ -79,9 +77,10 @@ DEFAULT_SEED = 0
 DEFAULT_N_HASHES = 2
 #: rotated-vector elements computed at once by :func:`hash_vectors` (memory bound)
 HASH_SLICE_ELEMENTS = 1 << 22
-#: bytes of sorted copies (q, k, v rows and output) one engine call may gather: rounds are
-#: batched into one call up to this (fewer, larger operations), else run one at a time
-ROUND_GATHER_BYTES = 1 << 28
+#: bytes of sorted copies (query rows, key window, outputs) one group of chunks gathers: small
+#: enough to stay in cache and be recycled by the allocator (a fresh N-sized copy per call
+#: is page-faulted in every time: measured as half of the forward time at N = 16,384)
+GROUP_GATHER_BYTES = 1 << 24
 
 LSH_OPTIONS = {
     "n_hashes": None,
@@ -282,43 +281,148 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * H * N, Fx).index_select(0, flat).view(B, H, L, Fx)
 
 
-def _rounds_attention(q, k, v, q_pos_all, k_pos_all, q_undo, r0: int, nr: int, *, seqlen: int,
-                      chunk_len: int, n_chunks: int, n_chunks_before: int, n_chunks_after: int,
-                      scale: float, causal: bool, exclude_self: bool, k_valid):
-    """Rounds ``r0 .. r0 + nr - 1`` of :func:`sorted_chunk_attention` in one engine call.
+@dataclasses.dataclass
+class _Sorted:
+    """The sorted geometry of one LSH call (everything but the differentiable tensors)."""
 
-    ``q_pos_all``/``k_pos_all`` long ``[B|1, H|1, R * seqlen]``: original position of each
-    sorted slot; ``q_undo`` the inverse sort.  The rounds' sorted rows are contiguous
-    (buckets are offset per round), so they form one layout of ``nr * seqlen / chunk_len``
-    query chunks with their cyclic key windows.  Returns ``(out [B, H, nr, seqlen, Dv],
-    lse [B, H, nr, seqlen])`` per round, in original token order.
-    """
-    B, H = q.shape[:2]
-    cpr = seqlen // chunk_len
-    rows = slice(r0 * seqlen, (r0 + nr) * seqlen)
-    q_pos = q_pos_all[..., rows]
-    gids, kv_blocks = chunk_layout(n_chunks, n_chunks_before, n_chunks_after,
-                                   first=r0 * cpr, count=nr * cpr, device=q.device)
-    krow = (gids[:, None] * chunk_len + torch.arange(chunk_len, device=q.device)).reshape(-1)
-    k_pos = k_pos_all[..., krow]
-    kv = None if k_valid is None else torch.gather(
-        k_valid.expand(*k_pos.shape[:2], seqlen), 2, k_pos)
-    so, sl = block_sparse_attention(
-        _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
-        kv_blocks[None, None], block_q=chunk_len, block_k=chunk_len, scale=scale,
-        causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos, k_valid=kv)
-    undo = q_undo[..., rows] - r0 * seqlen  # sorted slot of (round, token), within this call
-    o = _take_rows(so, undo).view(B, H, nr, seqlen, so.shape[-1])
-    lse = torch.gather(sl, 2, undo.expand_as(sl)).view(B, H, nr, seqlen)
-    return o, lse
+    q_pos: torch.Tensor  # [B|1, H|1, R * seqlen] original position of each sorted query slot
+    k_pos: torch.Tensor  # same for keys (the same tensor for shared-QK)
+    seqlen: int
+    chunk_len: int
+    n_rounds: int
+    n_chunks_before: int
+    n_chunks_after: int
+    scale: float
+    causal: bool
+    exclude_self: bool
+    k_valid: Optional[torch.Tensor]  # [B|1, 1|H, seqlen] bool or None
+    group: int  # chunks per gathered group
+
+    def groups(self):
+        """``(round, first chunk, chunk count)`` of every group; a group never spans two
+        rounds, so each token appears at most once in it."""
+        cpr = self.seqlen // self.chunk_len
+        for r in range(self.n_rounds):
+            for c in range(0, cpr, self.group):
+                yield r, r * cpr + c, min(self.group, cpr - c)
+
+    def layout(self, first: int, count: int, device):
+        """Rows of chunks ``first .. first + count - 1``: ``(q_pos [.., count*c], k_pos
+        [.., W*c], k_valid [.., W*c] | None, kv_blocks [1, 1, count, S])`` — the query
+        rows' and key window's original positions, and the window slots (local)."""
+        C = self.chunk_len
+        n_chunks = self.n_rounds * self.seqlen // C
+        gids, kv_blocks = chunk_layout(n_chunks, self.n_chunks_before, self.n_chunks_after,
+                                       first=first, count=count, device=device)
+        krow = (gids[:, None] * C + torch.arange(C, device=device)).reshape(-1)
+        q_pos = self.q_pos[..., first * C:(first + count) * C]
+        k_pos = self.k_pos[..., krow]
+        kv = None if self.k_valid is None else torch.gather(
+            self.k_valid.expand(*k_pos.shape[:2], self.seqlen), 2, k_pos)
+        return q_pos, k_pos, kv, kv_blocks[None, None]
+
+    def engine_args(self, q_pos, k_pos, kv):
+        return dict(block_q=self.chunk_len, block_k=self.chunk_len, scale=self.scale,
+                    causal=self.causal, exclude_self=self.exclude_self, q_pos=q_pos,
+                    k_pos=k_pos, k_valid=kv)
+
+
+def _flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
+    """Positions ``[B|1, H|1, L]`` -> flat row indices into a ``[B*H*n, ·]`` view."""
+    base = (torch.arange(B * H, device=pos.device) * n).view(B, H, 1)
+    return (pos.expand(B, H, pos.shape[-1]) + base).reshape(-1)
+
+
+def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
+    """Every group of sorted chunks through the engine, merged per token on the fly.
+
+    ``q, k [B, H, seqlen, D]``, ``v [B, H, seqlen, Dv]`` (compute dtype, original order).
+    Returns ``(out [B, H, seqlen, Dv], lse [B, H, seqlen], rounds)``: the merged result and
+    (``keep_rounds``) each round's ``(out, lse)``.  Only one group's sorted copies exist
+    at a time (a few MB), so large temporaries are never allocated per call."""
+    B, H, n, _ = q.shape
+    Dv = v.shape[-1]
+    out = v.new_empty(B, H, n, Dv)
+    lse = v.new_empty(B, H, n)
+    out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
+    rounds = []
+    for r, first, count in g.groups():
+        if keep_rounds and first == r * (g.seqlen // g.chunk_len):
+            out, lse = v.new_empty(B, H, n, Dv), v.new_empty(B, H, n)
+            out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
+            rounds.append((out, lse))
+        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+        og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
+                                      _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
+        rows = _flat_rows(q_pos, B, H, n)
+        og, lg = og.reshape(-1, Dv), lg.reshape(-1)
+        if r > 0 and not keep_rounds:  # fold into the rounds merged so far
+            og, lg = merge_partials(torch.stack([out_f.index_select(0, rows), og]),
+                                    torch.stack([lse_f.index_select(0, rows), lg]))
+        out_f.index_copy_(0, rows, og)
+        lse_f.index_copy_(0, rows, lg)
+    if keep_rounds:
+        out, lse = merge_partials(torch.stack([o for o, _ in rounds], 2),
+                                  torch.stack([l for _, l in rounds], 2), dim=2)
+    return out, lse, rounds
+
+
+def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
+    """Gradients of :func:`_stream_forward`'s merged ``(out, lse)``: each group's share
+    through :func:`block_sparse_backward` with the merged statistics, scattered back to
+    token order.  Recomputes every sorted copy; nothing of the forward is kept but
+    ``q, k, v, out, lse``."""
+    B, H, n, D = q.shape
+    Dv = v.shape[-1]
+    dout = dout.contiguous()
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq_f, dk_f, dv_f = dq.view(-1, D), dk.view(-1, D), dv.view(-1, Dv)
+    for _, first, count in g.groups():
+        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+        lg = torch.gather(lse, 2, q_pos.expand(B, H, q_pos.shape[-1]))
+        dlg = None if dlse is None else torch.gather(dlse, 2, q_pos.expand(B, H, q_pos.shape[-1]))
+        gq, gk, gv = block_sparse_backward(
+            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
+            _take_rows(out, q_pos), lg, _take_rows(dout, q_pos), dlg, blocks,
+            **g.engine_args(q_pos, k_pos, kv))
+        dq_f.index_add_(0, _flat_rows(q_pos, B, H, n), gq.reshape(-1, D))
+        krows = _flat_rows(k_pos, B, H, n)
+        dk_f.index_add_(0, krows, gk.reshape(-1, D))
+        dv_f.index_add_(0, krows, gv.reshape(-1, Dv))
+    return dq, dk, dv
+
+
+class _LSHFn(torch.autograd.Function):
+    """Streamed LSH attention with a recomputing backward (saves only q, k, v, out, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, geometry):
+        with torch.no_grad():
+            out, lse, _ = _stream_forward(geometry, q, k, v)
+        ctx.geometry = geometry
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _stream_backward(ctx.geometry, q, k, v, out, lse, dout.to(out.dtype), dlse)
+        return dq, dk, dv, None
 
 
 def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
                            n_chunks_before: int, n_chunks_after: int, scale: float,
                            causal: bool = False, exclude_self: bool = False,
                            k_valid: Optional[torch.Tensor] = None, keep_rounds: bool = False):
-    """LSH chunked attention over the sorted rounds (batched per :data:`ROUND_GATHER_BYTES`),
-    merged over rounds.
+    """LSH chunked attention over the sorted rounds, merged over rounds.
+
+    The sorted sequence is processed in groups of chunks sized by
+    :data:`GROUP_GATHER_BYTES` (each group gathers its query rows and key window, runs
+    the block-sparse engine and folds its rows into the per-token result with the
+    log-sum-exp merge), and the backward recomputes group by group: memory is
+    ``O(N·D)`` plus one group, forward and backward.
 
     Args:
         q: ``[B, H, seqlen, D]``; k: ``[B, H, seqlen, D]``; v: ``[B, H, seqlen, Dv]``
@@ -331,7 +435,8 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
         scale, causal, exclude_self: as in the block-sparse engine; masks use original
             positions.  k_valid: bool ``[B|1, 1|H, seqlen]`` (False = padding key) or None.
 
-        keep_rounds: also return every round's result (costs ``n_hashes`` copies).
+        keep_rounds: also return every round's result (costs ``n_hashes`` copies; no
+            gradient through them).
 
     Returns:
         ``(out [B, H, seqlen, Dv], lse [B, H, seqlen], rounds)``: the merged result and,
@@ -344,38 +449,23 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
     R = L // seqlen
     if seqlen % chunk_len:
         raise ValueError(f"chunk_len: seqlen={seqlen} must be a multiple of chunk_len={chunk_len}")
-    cpr = seqlen // chunk_len  # chunks per round
-    n_chunks = R * cpr
-    q_sticker, q_undo = sort_buckets(q_buckets, seqlen)
-    if k_buckets is None:
-        k_sticker = q_sticker
-    else:
-        k_sticker, _ = sort_buckets(k_buckets, seqlen)
-    q_pos_all = q_sticker % seqlen
-    k_pos_all = q_pos_all if k_buckets is None else k_sticker % seqlen
+    q_sticker, _ = sort_buckets(q_buckets, seqlen)
+    q_pos = q_sticker % seqlen
+    k_pos = q_pos if k_buckets is None else sort_buckets(k_buckets, seqlen)[0] % seqlen
     B, H = q.shape[:2]
-    per_round = B * H * seqlen * (2 * q.shape[-1] + 2 * v.shape[-1]) * q.element_size()
-    step = max(1, min(R, ROUND_GATHER_BYTES // max(1, per_round)))
-    out = lse = None
+    row_bytes = B * H * (q.shape[-1] + v.shape[-1]) * q.element_size()
+    per_chunk = chunk_len * row_bytes * (2 + n_chunks_before + n_chunks_after + 1)
+    group = max(1, min(seqlen // chunk_len, GROUP_GATHER_BYTES // max(1, per_chunk)))
+    geo = _Sorted(q_pos, k_pos, seqlen, chunk_len, R, n_chunks_before, n_chunks_after,
+                  float(scale), causal, exclude_self, k_valid, group)
+    BACKEND_CALLS["engine"] += 1
+    # contiguous once: every group gathers rows from flat views of them
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, lse = _LSHFn.apply(q, k, v, geo)
     rounds = []
-    # several calls: keep no call's sorted copies for backward, recompute them there
-    recompute = step < R and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    for r0 in range(0, R, step):
-        nr = min(step, R - r0)
-        call = functools.partial(
-            _rounds_attention, r0=r0, nr=nr, seqlen=seqlen, chunk_len=chunk_len,
-            n_chunks=n_chunks, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-            scale=scale, causal=causal, exclude_self=exclude_self, k_valid=k_valid)
-        args = (q, k, v, q_pos_all, k_pos_all, q_undo)
-        o_r, l_r = checkpoint(call, *args, use_reentrant=False) if recompute else call(*args)
-        if keep_rounds:
-            rounds.extend((o_r[:, :, i], l_r[:, :, i]) for i in range(nr))
-        parts_o, parts_l = (o_r, l_r) if out is None else (
-            torch.cat([out[:, :, None], o_r], 2), torch.cat([lse[:, :, None], l_r], 2))
-        # merging is associative: the calls' results are folded in as they come
-        out, lse = merge_partials(parts_o, parts_l, dim=2) if parts_o.shape[2] > 1 else (
-            parts_o[:, :, 0], parts_l[:, :, 0])
-        del o_r, l_r, parts_o, parts_l
+    if keep_rounds:
+        with torch.no_grad():
+            rounds = _stream_forward(geo, q, k, v, keep_rounds=True)[2]
     return out, lse, rounds
 
 
