@@ -14,6 +14,8 @@ Memory: on CPU the peak resident set above the baseline taken after the inputs e
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import multiprocessing
 import os
@@ -75,6 +77,25 @@ def _status_kb(field: str) -> Optional[int]:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand memory that malloc keeps after ``free`` back to the OS (glibc ``malloc_trim``),
+    so the baseline RSS counts live memory only: blocks below the mmap threshold (e.g. a
+    streamed method's chunk buffers) stay resident after the warm-up call and would
+    otherwise hide inside the baseline and be reused unseen by the measured call."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class PeakMemory:
     """Peak memory above the moment of :meth:`start`, in bytes (CPU RSS or CUDA allocations)."""
 
@@ -90,6 +111,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             return
         self.reset_ok = False
+        _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets the VmHWM high-water mark to the current RSS

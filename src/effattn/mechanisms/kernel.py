@@ -40,7 +40,7 @@ from effattn.softmax import stat_dtype
 __all__ = [
     "feature_map_attention", "streamed_feature_attention", "dense_feature_map_attention", "orthogonal_gaussian",
     "performer_projection", "linear_features", "taylor_features", "efficient_features",
-    "performer_features", "reset_feature_generators",
+    "performer_features", "performer_logits", "reset_feature_generators",
 ]
 
 
@@ -97,7 +97,9 @@ def streamed_feature_attention(
     ``q_inputs``: tensors ``[B, H, Nq, ·]`` sliced together along positions and passed to
     ``q_map(*slices) -> phi_q [B, H, r, M]``; ``k_inputs``: tensors ``[B, H, Nk, ·]`` (or
     ``[B, H, Nk]``) passed to ``k_map(*slices) -> (psi_k [B, H, r, M], log_k [B, H, r] |
-    None)``, the key features being ``exp(log_k) psi_k``; ``n_features`` = M (sizes the
+    None)``, the key features being ``exp(log_k) psi_k`` — or ``(None, log_k [B, H, r, M])``
+    for features ``exp(log_k)`` given in log form (stabilized before exponentiating, so
+    only one ``r x M`` tensor per chunk is kept for backward); ``n_features`` = M (sizes the
     chunks); ``v [B, H, Nk, Dv]`` with padded rows finite; ``padding_mask`` bool
     ``[B, Nk]`` (True = real key).
     Returns ``out [B, H, Nq, Dv]`` in ``v.dtype``; a query with no real key (or an all-zero
@@ -123,7 +125,21 @@ def streamed_feature_attention(
         psi, log_k = k_map(*k_parts)
         valid = None if padding_mask is None else padding_mask[:, None, s0:e]  # [B, 1, r]
         rescale = None
-        if log_k is not None:
+        if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
+            cm = log_k.detach().amax(-1)
+            if valid is not None:
+                cm = cm.masked_fill(~valid, float("-inf"))
+            cm = cm.amax(-1, keepdim=True)  # [B, H, 1]
+            c_new = cm if c is None else torch.maximum(c, cm)
+            c_safe = torch.where(torch.isneginf(c_new), torch.zeros_like(c_new), c_new)
+            if S is not None:  # the stored sum is zero while c is -inf
+                rescale = torch.where(torch.isneginf(c), torch.zeros_like(c), torch.exp(c - c_safe))
+            c = c_new
+            expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
+            if valid is not None:
+                expo = expo.masked_fill_(~valid[..., None], float("-inf"))
+            psi = expo.exp_()
+        elif log_k is not None:
             ld = log_k.detach()
             if valid is not None:
                 ld = ld.masked_fill(~valid, float("-inf"))
@@ -393,8 +409,17 @@ def performer_projection(n_features: int, dim: int, *, seed: int, redraw: bool,
     return w
 
 
-def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bool):
-    """FAVOR+ features of ``x [B,H,N,D]`` (already scaled by ``scale ** 0.5``) for the
+def performer_logits(x: torch.Tensor, w: torch.Tensor, r: float = 1.0) -> torch.Tensor:
+    """Log of the positive FAVOR+ features of ``r·x``: ``w·(r x) - |r x|²/2``;
+    ``x [B,H,N,D]``, ``w [M, D]`` -> ``[B,H,N,M]``.  ``r`` is folded into ``w`` and the
+    norm term, so no scaled copy of ``x`` is made (or kept for backward); the result is a
+    fresh tensor shifted in place (matmul's backward needs only its inputs)."""
+    return torch.matmul(x, (w * r).T).sub_((0.5 * r * r) * x.pow(2).sum(-1, keepdim=True))
+
+
+def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bool,
+                       r: float = 1.0):
+    """FAVOR+ features of ``r·x`` (``x [B,H,N,D]``; ``r = scale ** 0.5``) for the
     projection ``w [M, D]``.  Returns ``(psi, log_scale)``: the features are
     ``exp(log_scale)[..., None] * psi``; for queries any per-query factor cancels in the
     normalized output, so ``log_scale`` is ``None``.
@@ -404,15 +429,14 @@ def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bo
     - ``"trig"``: ``exp(|x|²/2) [sin(w·x), cos(w·x)] / sqrt(M)``, ``psi [B,H,N,2M]``.
     The constant ``1/sqrt(M)`` cancels in the normalization and is dropped.
     """
-    proj = torch.matmul(x, w.T)  # [B, H, N, M]
     if kind == "softmax":
-        # in place: matmul's backward needs only its inputs, exp_'s only its result
-        u = proj.sub_(0.5 * x.pow(2).sum(-1, keepdim=True))
+        u = performer_logits(x, w, r)
         m = u.detach().amax(-1, keepdim=True)
-        psi = u.sub_(m).exp_()
+        psi = u.sub_(m).exp_()  # in place: exp_'s backward needs only its result
         return psi, (None if is_query else m[..., 0])
+    proj = torch.matmul(x, (w * r).T)  # [B, H, N, M]
     psi = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
-    return psi, (None if is_query else 0.5 * x.pow(2).sum(-1))
+    return psi, (None if is_query else (0.5 * r * r) * x.pow(2).sum(-1))
 
 
 # --------------------------------------------------------------------------- methods
@@ -522,14 +546,15 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
     w = projection.to(device=qc.device, dtype=qc.dtype)
     r = scale ** 0.5
     if causal:
-        phi_q, _ = performer_features(qc * r, w, kernel, is_query=True)
-        phi_k, k_log = performer_features(kc * r, w, kernel, is_query=False)
+        phi_q, _ = performer_features(qc, w, kernel, is_query=True, r=r)
+        phi_k, k_log = performer_features(kc, w, kernel, is_query=False, r=r)
         out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
                                     k_log=k_log, chunk=chunk)
     else:
         out = streamed_feature_attention(
-            (qc,), (kc,), vc, lambda x: performer_features(x * r, w, kernel, is_query=True)[0],
-            lambda x: performer_features(x * r, w, kernel, is_query=False),
+            (qc,), (kc,), vc, lambda x: performer_features(x, w, kernel, is_query=True, r=r)[0],
+            (lambda x: (None, performer_logits(x, w, r))) if kernel == "softmax"
+            else (lambda x: performer_features(x, w, kernel, is_query=False, r=r)),
             n_features=w.shape[0] * (2 if kernel == "trig" else 1), padding_mask=padding_mask)
     return out.to(q.dtype), None
 

@@ -534,7 +534,7 @@ def lsh_flops(B, H, Nq, Nk, D, Dv, causal=False, n_hashes=None, n_buckets=None, 
 register(
     "lsh", exact=False, causal=True,
     time="O(h·N·(b/2 + c·(1+nb+na))·D + h·N·log(h·N)); b ≈ N/c by default",
-    memory="O(h·N·(D+Dv)) (engine: rounds batched up to a gather budget)",
+    memory="O(N·(D+Dv) + h·N) (sorted groups of chunks streamed, backward recomputes)",
     flops=lsh_flops,
     flops_formula="2·B·H·(h·N·D·b/2 + h·N_c·S·c·(D+Dv)), h=n_hashes, b=n_buckets, c=chunk_len, "
                   "N_c = N rounded up to c, S = min(1+nb+na, h·N_c/c) (x2 hashing with separate keys)",
