@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +72,22 @@ register(
     family="exact",
     description="FlashAttention algorithm in PyTorch: tiles, online softmax, recomputing backward",
 )(blockwise_attention)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_valid: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``softmax(q k^T · scale)`` over the valid keys, times ``v``, through SDPA's fused
+    kernels (no ``Nq x Nk`` score tensor on CPU or CUDA).
+
+    ``q [B,H,Nq,D]``, ``k [B,H,Nk,D]``, ``v [B,H,Nk,Dv]``, ``key_valid`` bool broadcastable
+    to ``[B,H,1,Nk]`` (True = attend) or None -> ``out [B,H,Nq,Dv]``; rows without a valid
+    key give zeros (SDPA would return NaN: they see every key, then are zeroed, so their
+    gradients stay finite).  The low-rank methods use it for their softmax products."""
+    if key_valid is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    has_key = key_valid.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid | ~has_key, scale=scale)
+    return out if bool(has_key.all()) else out.masked_fill(~has_key, 0.0)
 
 
 def _sdpa_mask(q, Nk, causal, padding_mask, shared_qk, dtype):
