@@ -137,3 +137,28 @@ def test_engine_never_materializes_n_by_n(monkeypatch):
     out, lse = block_sparse_attention(q, k, v, None, block_q=64, block_k=64, scale=0.3, tile_budget=1 << 14)
     out.sum().backward()
     assert sizes and max(sizes) <= 1 << 14 < N * N
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_engine_bf16_matmuls_keep_float32_statistics(causal):
+    """bf16 inputs run bf16 matmuls but float32 softmax statistics: lse is float32, and output
+    and gradients match the float64 reference on the same (bf16-rounded) inputs within bf16
+    tolerance (one rounding of probabilities / dS per product)."""
+    g = torch.Generator().manual_seed(4)
+    B, H, N, bq, bk = 1, 2, 96, 16, 16
+    q, k, v = (t.bfloat16().requires_grad_() for t in rand_qkv(B, H, N, N, 32, seed=9))
+    layout = random_layout((1, 1, N // bq), N // bk, 3, g, p_empty=0.0, allow_dup=False)
+    out, lse = block_sparse_attention(q, k, v, layout, block_q=bq, block_k=bk, scale=32 ** -0.5,
+                                      causal=causal)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = dense_reference(q64, k64, v64, layout, bq, bk, 32 ** -0.5, causal, False, None, None)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-2, rtol=1e-2, equal_nan=True)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((out.double() * go).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * go).sum(), (q64, k64, v64))
+    for a, b in zip(ga, gb):
+        assert a.dtype == torch.bfloat16
+        err = (a.double() - b).norm() / b.norm()
+        assert err < 2e-2, float(err)

@@ -122,7 +122,7 @@ def _scatter_blocks(dst: torch.Tensor, block: int, idx: torch.Tensor, src: torch
     F_ = dst.shape[3]
     G, S = idx.shape[2], idx.shape[3]
     flat_idx = (_batch_offsets((B, H), (B, H), n, dst.device) + idx.clamp(min=0)).expand(B, H, G, S)
-    src = src.reshape(B, H, G, S, block * F_)
+    src = src.to(dst.dtype).reshape(B, H, G, S, block * F_)
     valid = (idx >= 0).expand(B, H, G, S)
     if not bool(valid.all()):
         src = src * valid[..., None].to(src.dtype)
@@ -197,8 +197,10 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-    """Masked scores ``[.., r, L]`` of a tile; ``qt_scaled`` already carries the scale."""
+    """Masked scores ``[.., r, L]`` (statistics dtype) of a tile; ``qt_scaled`` already
+    carries the scale."""
     s = torch.matmul(qt_scaled, kt.transpose(-1, -2))
+    s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
     return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
                        k_valid=t.k_valid, pair_mask=p.pair_mask, inplace=True)
 
@@ -213,8 +215,9 @@ def _rows_flat(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
 def _forward(p: _Plan, q, k, v):
     """Engine forward on padded, compute-dtype tensors -> ``(out, lse)`` padded."""
     B, H = q.shape[:2]
-    out = q.new_empty(B, H, q.shape[2], v.shape[-1])
-    lse = q.new_empty(B, H, q.shape[2])
+    cdt = stat_dtype(q.dtype)
+    out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device)
     for rows, tiles in _tiles(p):
         if not tiles:  # causal dense group with no key tile at all
             out[:, :, rows] = 0
@@ -224,9 +227,9 @@ def _forward(p: _Plan, q, k, v):
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v)
             probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt))
-            o = torch.matmul(probs, vt)
+            o = torch.matmul(probs.to(vt.dtype), vt)
         else:
-            state = online_init(qt.shape[:-1], v.shape[-1], q.dtype, q.device)
+            state = online_init(qt.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:
                 kt, vt = _tile_kv(p, t, k, v)
                 state = online_update(*state, _tile_scores(p, t, qt, kt), vt)
@@ -242,10 +245,12 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
     With ``P = exp(S - lse)`` and ``D_i = rowsum(dO * O) - dlse_i``:
     ``dV = P^T dO``, ``dS = P * (dO V^T - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
     """
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    mdt, cdt = q.dtype, stat_dtype(q.dtype)  # matmul dtype (bf16 stays bf16), statistics dtype
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
     delta = (dout * out).sum(-1)
+    dout = dout.to(mdt)
     if dlse is not None:
         delta = delta - dlse
     lse_s = safe_lse(lse)
@@ -261,11 +266,12 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v)
             pr = _tile_scores(p, t, qt, kt).sub_(lt).exp_()  # P, recomputed: [.., r, L]
-            dvt = torch.matmul(pr.transpose(-1, -2), dot)
-            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(dt).mul_(pr)
-            part = torch.matmul(ds, kt)
+            dvt = torch.matmul(pr.to(mdt).transpose(-1, -2), dot)
+            ds = torch.matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
+            ds_m = ds.to(mdt)
+            part = torch.matmul(ds_m, kt).to(cdt)
             dqt = part if dqt is None else dqt.add_(part)
-            dkt = torch.matmul(ds.transpose(-1, -2), qt)
+            dkt = torch.matmul(ds_m.transpose(-1, -2), qt)
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt
                 dv[:, :, t.keys] += dvt
@@ -290,7 +296,7 @@ class _EngineFn(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout.to(out.dtype), dlse)
-        return dq, dk, dv, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch.Tensor:
@@ -312,6 +318,9 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
     Nk = k.shape[2]
     tile_budget = DEFAULT_TILE_BUDGET if tile_budget is None else tile_budget
     cdt = stat_dtype(q.dtype)
+    # bf16 keeps its matmuls in bf16 (several times faster on CPUs with bf16 units; products
+    # accumulate in float32 inside the matmul) while every softmax statistic is float32
+    mdt = torch.bfloat16 if q.dtype == torch.bfloat16 else cdt
     nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
     NQ, NK = nqb * block_q, nkb * block_k
     default_pos = q_pos is None and k_pos is None
@@ -342,9 +351,9 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
     plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
                  qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
                  None if kv_blocks is None else full_slots)
-    qc = _pad_rows(q.to(cdt), NQ).contiguous()
-    kc = _pad_rows(k.to(cdt), NK).contiguous()
-    vc = _pad_rows(v.to(cdt), NK).contiguous()
+    qc = _pad_rows(q.to(mdt), NQ).contiguous()
+    kc = _pad_rows(k.to(mdt), NK).contiguous()
+    vc = _pad_rows(v.to(mdt), NK).contiguous()
     return plan, qc, kc, vc
 
 
@@ -369,7 +378,7 @@ def block_sparse_backward(q, k, v, out, lse, dout, dlse, kv_blocks, **kw):
     attention's.  Other arguments as :func:`block_sparse_attention`."""
     plan, qc, kc, vc = _prepare(q, k, v, kv_blocks, **kw)
     NQ = qc.shape[2]
-    cdt = qc.dtype
+    cdt = stat_dtype(qc.dtype)
     pad = functools.partial(_pad_rows, n=NQ)
     lse_p = _pad_last(lse.to(cdt), NQ, float("-inf"))
     dlse_p = None if dlse is None else _pad_last(dlse.to(cdt), NQ, 0.0)
@@ -432,7 +441,10 @@ def block_sparse_attention(
                                 group_blocks=group_blocks, slot_chunk=slot_chunk,
                                 full_slots=full_slots)
     Nq = q.shape[2]
-    res = _flex.forward(plan, qc, kc, vc, need_lse) if _flex.usable(plan, qc, kc, vc, need_lse) else None
+    res = None
+    if _flex.usable(plan, qc, kc, vc, need_lse):
+        cdt = stat_dtype(q.dtype)  # FlexAttention computes in the statistics dtype
+        res = _flex.forward(plan, qc.to(cdt), kc.to(cdt), vc.to(cdt), need_lse)
     if res is not None:
         BACKEND_CALLS["flexattention"] += 1
         out, lse = res

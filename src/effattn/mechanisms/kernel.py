@@ -66,7 +66,8 @@ def _normalize(num: torch.Tensor, den: torch.Tensor, has_key: Optional[torch.Ten
     if has_key is not None:
         empty = empty | ~has_key
     out = num / torch.where(empty, torch.ones_like(den), den)[..., None]
-    return out.masked_fill(empty[..., None], 0.0)
+    # in place: the division's backward needs its inputs, not its result
+    return out.masked_fill_(empty[..., None], 0.0)
 
 
 def _check_chunk(chunk) -> int:
