@@ -205,4 +205,6 @@ def merge_parts(*parts):
     parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
-    return merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    # outputs merge in the statistics dtype (lse's): bf16 parts are not re-rounded
+    return merge_partials(torch.stack([p[0].to(p[1].dtype) for p in parts]),
+                          torch.stack([p[1] for p in parts]))

@@ -37,7 +37,6 @@ from effattn.mechanisms._layout import (
 )
 from effattn.mechanisms import _flex
 from effattn.mechanisms.blocksparse import block_sparse_attention
-from effattn.softmax import stat_dtype
 
 BIGBIRD_OPTIONS = {"block_size": 64, "n_window_blocks": 3, "n_global_blocks": 1,
                    "n_random_blocks": 3, "seed": 0, "global_qkv": None,
@@ -189,9 +188,7 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
         if extra[1].shape[2] != extra_global_tokens:
             raise ValueError(f"extra_global_tokens: {extra_global_tokens}, but global_qkv holds "
                              f"{extra[1].shape[2]} tokens")
-    dtype = q.dtype
-    cdt = stat_dtype(dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    dtype = q.dtype  # the engine keeps bf16 matmuls in bf16, its statistics in float32
     kv = None if padding_mask is None else padding_mask[:, None]
     bs = block_size
     nb = n_blocks(N, bs)
@@ -207,7 +204,7 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
     else:
         out, lse = _row_pieces(q, k, v, pattern, (first, mid, last), bs, kv, run)
     if extra is not None:
-        _, gk, gv = (t.to(cdt).expand(B, -1, -1, -1) for t in extra)
+        _, gk, gv = (t.to(dtype).expand(B, -1, -1, -1) for t in extra)
         # a sequence with no real token has no global summary either: its rows stay empty
         ev = None if padding_mask is None else padding_mask.any(1)[:, None, None].expand(B, 1, gk.shape[2])
         eo, el = block_sparse_attention(q, gk, gv, None, block_q=bs, block_k=max(1, min(bs, gk.shape[2])),

@@ -146,8 +146,7 @@ def _by_heads(H, part1, part2, q, k, v):
 
 def _prepare(q, k, v, scale, method):
     check_same_length(q, k, method)
-    cdt = stat_dtype(q.dtype)
-    return (q.to(cdt) * scale), k.to(cdt), v.to(cdt)
+    return q * scale, k, v  # the engine keeps bf16 matmuls in bf16, statistics in float32
 
 
 def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
@@ -214,7 +213,8 @@ def sparse_fixed(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
                                   exclude_self=shared_qk, padding_mask=padding_mask)
         if res is None:  # no summary position exists: nothing is attended
             B, H = q.shape[:2]
-            return q.new_zeros(B, H, N, v.shape[-1]), q.new_full((B, H, N), float("-inf"))
+            return (q.new_zeros(B, H, N, v.shape[-1]),
+                    torch.full((B, H, N), float("-inf"), dtype=stat_dtype(q.dtype), device=q.device))
         return res
 
     if per_head:

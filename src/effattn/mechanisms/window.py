@@ -20,7 +20,6 @@ from effattn.mechanisms._layout import (
 )
 from effattn.masks import elementwise
 from effattn.mechanisms.blocksparse import block_sparse_attention
-from effattn.softmax import stat_dtype
 
 # ================================================================ Longformer
 
@@ -112,7 +111,7 @@ def _scatter_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows:
     target = torch.where(valid, idx, torch.full_like(idx, N))  # invalid slots -> a spare row
     target = target.view(target.shape[0], 1, -1, *([1] * len(feat))).expand(B, H, -1, *feat)
     ext = torch.cat([x, x.new_zeros(B, H, 1, *feat)], 2)
-    return ext.scatter(2, target, rows)[:, :, :N]
+    return ext.scatter(2, target, rows.to(x.dtype))[:, :, :N]
 
 
 def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
@@ -132,9 +131,7 @@ def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     check_same_length(q, k, "longformer")
     dil = _dilations(dilation, H, q.device)
     glob = _global_index(global_tokens, B, N, q.device)
-    dtype = q.dtype
-    cdt = stat_dtype(dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    dtype = q.dtype  # the engine keeps bf16 matmuls in bf16, its statistics in float32
     kv = None if padding_mask is None else padding_mask[:, None]
     W = window * dil
 
