@@ -282,11 +282,16 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
     return dq, dk, dv
 
 
-class _EngineFn(torch.autograd.Function):
+class RecomputedAttention(torch.autograd.Function):
+    """Attention whose backward recomputes its probabilities: only ``q, k, v, out, lse``
+    are saved.  ``apply(q, k, v, forward, backward)`` with ``forward(q, k, v) -> (out
+    [B,H,Nq,Dv], lse [B,H,Nq])`` and ``backward(q, k, v, out, lse, dout, dlse) -> (dq, dk,
+    dv)`` (``dlse`` may be ``None``); gradients are returned in the inputs' dtypes."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse = _forward(plan, q, k, v)
-        ctx.plan = plan
+    def forward(ctx, q, k, v, forward, backward):
+        out, lse = forward(q, k, v)
+        ctx.backward_fn = backward
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
 
@@ -295,8 +300,8 @@ class _EngineFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout.to(out.dtype), dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        dq, dk, dv = ctx.backward_fn(q, k, v, out, lse, dout.to(out.dtype), dlse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch.Tensor:
@@ -450,5 +455,6 @@ def block_sparse_attention(
         out, lse = res
     else:
         BACKEND_CALLS["engine"] += 1
-        out, lse = _EngineFn.apply(qc, kc, vc, plan)
+        out, lse = RecomputedAttention.apply(qc, kc, vc, functools.partial(_forward, plan),
+                                             functools.partial(_backward, plan))
     return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])

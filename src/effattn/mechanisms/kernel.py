@@ -83,6 +83,24 @@ def _stream_rows(B: int, H: int, M: int, n: int, budget: int = 1 << 20) -> int:
     return max(16, min(n, budget // max(1, B * H * M)))
 
 
+def _raise_running_max(c: Optional[torch.Tensor], row_max: torch.Tensor,
+                       valid: Optional[torch.Tensor], has_sum: bool):
+    """Running maximum ``c [B, H, 1]`` (None before the first chunk) raised by a chunk's
+    ``row_max [B, H, r]`` over its real rows (``valid [B, 1, r]``) -> ``(c_new, c_safe,
+    rescale)``: ``c_safe`` is ``c_new`` with ``-inf`` (no real key yet) read as 0, and
+    ``rescale = exp(c - c_safe)`` multiplies the stored sum (None when there is none yet;
+    0 while ``c`` was ``-inf``, when the stored sum is zero)."""
+    if valid is not None:
+        row_max = row_max.masked_fill(~valid, float("-inf"))
+    cm = row_max.amax(-1, keepdim=True)
+    c_new = cm if c is None else torch.maximum(c, cm)
+    c_safe = torch.where(torch.isneginf(c_new), torch.zeros_like(c_new), c_new)
+    rescale = None
+    if has_sum:
+        rescale = torch.where(torch.isneginf(c), torch.zeros_like(c), torch.exp(c - c_safe))
+    return c_new, c_safe, rescale
+
+
 def streamed_feature_attention(
     q_inputs: tuple,
     k_inputs: tuple,
@@ -126,34 +144,19 @@ def streamed_feature_attention(
         psi, log_k = k_map(*k_parts)
         valid = None if padding_mask is None else padding_mask[:, None, s0:e]  # [B, 1, r]
         rescale = None
-        if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
-            cm = log_k.detach().amax(-1)
-            if valid is not None:
-                cm = cm.masked_fill(~valid, float("-inf"))
-            cm = cm.amax(-1, keepdim=True)  # [B, H, 1]
-            c_new = cm if c is None else torch.maximum(c, cm)
-            c_safe = torch.where(torch.isneginf(c_new), torch.zeros_like(c_new), c_new)
-            if S is not None:  # the stored sum is zero while c is -inf
-                rescale = torch.where(torch.isneginf(c), torch.zeros_like(c), torch.exp(c - c_safe))
-            c = c_new
-            expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
-            if valid is not None:
-                expo = expo.masked_fill_(~valid[..., None], float("-inf"))
-            psi = expo.exp_()
-        elif log_k is not None:
-            ld = log_k.detach()
-            if valid is not None:
-                ld = ld.masked_fill(~valid, float("-inf"))
-            cm = ld.amax(-1, keepdim=True)  # [B, H, 1]
-            c_new = cm if c is None else torch.maximum(c, cm)
-            c_safe = torch.where(torch.isneginf(c_new), torch.zeros_like(c_new), c_new)
-            if S is not None:  # the stored sum is zero while c is -inf
-                rescale = torch.where(torch.isneginf(c), torch.zeros_like(c), torch.exp(c - c_safe))
-            c = c_new
-            expo = log_k - c_safe
-            if valid is not None:
-                expo = expo.masked_fill(~valid, float("-inf"))
-            psi = psi * torch.exp(expo)[..., None]
+        if log_k is not None:
+            row_max = log_k.detach().amax(-1) if psi is None else log_k.detach()  # [B, H, r]
+            c, c_safe, rescale = _raise_running_max(c, row_max, valid, S is not None)
+            if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
+                expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
+                if valid is not None:
+                    expo = expo.masked_fill_(~valid[..., None], float("-inf"))
+                psi = expo.exp_()
+            else:
+                expo = log_k - c_safe
+                if valid is not None:
+                    expo = expo.masked_fill(~valid, float("-inf"))
+                psi = psi * torch.exp(expo)[..., None]
         elif valid is not None:
             psi = psi.masked_fill(~valid[..., None], 0.0)
         part = torch.cat([torch.matmul(psi.transpose(-1, -2), v_part),

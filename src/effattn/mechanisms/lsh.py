@@ -59,6 +59,7 @@ standard normal from a CPU ``torch.Generator``); per-head hashing takes an expli
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length
 from effattn.mechanisms.blocksparse import (
-    BACKEND_CALLS, block_sparse_backward, block_sparse_forward)
+    BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward)
 from effattn.softmax import merge_partials, stat_dtype
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
@@ -395,26 +396,6 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     return dq, dk, dv
 
 
-class _LSHFn(torch.autograd.Function):
-    """Streamed LSH attention with a recomputing backward (saves only q, k, v, out, lse)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, geometry):
-        with torch.no_grad():
-            out, lse, _ = _stream_forward(geometry, q, k, v)
-        ctx.geometry = geometry
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _stream_backward(ctx.geometry, q, k, v, out, lse, dout.to(out.dtype), dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
-
-
 def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, chunk_len: int,
                            n_chunks_before: int, n_chunks_after: int, scale: float,
                            causal: bool = False, exclude_self: bool = False,
@@ -464,7 +445,8 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
     BACKEND_CALLS["engine"] += 1
     # contiguous once: every group gathers rows from flat views of them
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out, lse = _LSHFn.apply(q, k, v, geo)
+    out, lse = RecomputedAttention.apply(q, k, v, lambda q, k, v: _stream_forward(geo, q, k, v)[:2],
+                                         functools.partial(_stream_backward, geo))
     rounds = []
     if keep_rounds:
         with torch.no_grad():
