@@ -170,6 +170,10 @@ def test_non_causal_method_is_na_with_causal(tmp_path):
     c = next(c for c in res["cases"] if c["label"] == name)
     assert c["status"] == "n/a" and "causal" in c["reason"]
     assert next(c for c in res["cases"] if c["label"] == "full")["status"] == "ok"
+    # no accuracy measured: no error columns, and no recommendation table of "none" cells
+    report = (tmp_path / "report.md").read_text()
+    assert "error gaussian" not in report and "| none |" not in report
+    assert "measured no accuracy" in report
 
 
 # ------------------------------------------------------------------ timeout and oom

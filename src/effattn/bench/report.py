@@ -98,7 +98,8 @@ def render(results: dict) -> str:
         lines.append(f"> {n}")
     if results.get("notes"):
         lines.append("")
-    fams = cfg["accuracy_families"]
+    # no accuracy cases (e.g. --preset peers): no error columns, rather than columns of "—"
+    fams = cfg["accuracy_families"] if acc_ns else []
 
     def errs(label, n_acc):
         return "".join(f"{_err_cell(acc, label, n_acc, f)} | " for f in fams)
@@ -170,6 +171,10 @@ def _recommend_section(results: dict) -> list:
     recs = results.get("recommendations") or []
     if not recs:
         return []
+    if not results["accuracy"]:  # "none" in every cell would read as "no method qualifies"
+        return ["## Recommendation", "",
+                "Not made: this run measured no accuracy (`[accuracy] lengths` is empty), and a "
+                "recommendation needs each method's error.", ""]
     cfg = results["config"]
     errs = cfg["error_thresholds"]
     out = ["## Recommendation", "",
