@@ -174,3 +174,67 @@ def test_recompile_limit_falls_back_to_own_path_not_to_eager_flex(monkeypatch):
             torch.testing.assert_close(flex, own, **TOL)
     assert _flex.exhausted()
     torch._dynamo.reset()
+
+
+def test_block_tables_of_the_same_layout_object_skip_the_digest(monkeypatch):
+    """A layout object seen before (memoized by its method) is answered without hashing its
+    content again; an in-place change to it is noticed (tensor version)."""
+    digests = []
+    orig = _flex._digest
+    monkeypatch.setattr(_flex, "_digest", lambda t: digests.append(1) or orig(t))
+    lay = torch.tensor([[[[3, -1, 0], [1, 2, -1]]]])
+    t1 = _flex.block_tables(lay, 4)
+    n = len(digests)
+    assert n >= 1
+    assert _flex.block_tables(lay, 4) is t1 and len(digests) == n
+    lay[0, 0, 0, 0] = 2  # in place: the identity entry is stale
+    t2 = _flex.block_tables(lay, 4)
+    assert len(digests) > n
+    assert t2[4][0, 0, 0].tolist() == [True, False, True, False]
+
+
+def test_bigbird_repeated_calls_reuse_their_layout(monkeypatch, flex_calls):
+    """BigBird memoizes its layout, so a repeated call reaches FlexAttention without
+    rebuilding the pattern or hashing the layout."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # earlier tests' compiles may have used up dynamo's recompile limit
+    monkeypatch.setattr(_flex, "_exhausted", False)
+    q, k, v = rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32, seed=9)
+    with flex_mode("on"), torch.no_grad():
+        first = effattn.attention(q, k, v, "bigbird", block_size=8, n_random_blocks=2, seed=11)
+        digests = []
+        monkeypatch.setattr(_flex, "_digest", lambda t: digests.append(1))
+        again = effattn.attention(q, k, v, "bigbird", block_size=8, n_random_blocks=2, seed=11)
+    assert len(flex_calls) == 2 and not digests
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("causal,dilation", [(False, 1), (True, 1), (False, 3), (True, 2)])
+def test_longformer_rules_imply_its_layout(causal, dilation):
+    """Longformer tells the engine its layout is exact (FlexAttention's mask then skips the
+    listing check): every pair its rules allow must lie in a listed block pair."""
+    from effattn.mechanisms import window
+    from effattn.masks import allowed_pairs
+
+    N, w, bs = 70, 5, 8
+    dil = window._dilations(dilation, 2, "cpu")
+    layout = window.longformer_layout(N, w, dil, bs, causal)
+    rule = window._band_rule(w * dilation, dilation)
+    i = torch.arange(N)[:, None]
+    j = torch.arange(N)[None, :]
+    allowed = allowed_pairs(i, j, causal=causal, k_valid=None, pair_mask=rule)
+    nb = -(-N // bs)
+    listed = torch.zeros(nb, nb + 1, dtype=torch.bool)
+    listed.scatter_(1, torch.where(layout[0, 0] >= 0, layout[0, 0], nb), True)
+    in_listed = listed[:, :nb][i // bs, j // bs]
+    assert bool(allowed.any()) and not bool((allowed & ~in_listed).any())
+
+
+def test_longformer_equal_per_head_dilations_read_as_one():
+    """A per-head dilation list with one value for every head is the int (the closed-form,
+    FlexAttention-eligible rule), with the same result."""
+    q, k, v = rand_qkv(1, 2, 40, 40, 8, dtype=torch.float32, seed=4)
+    a = effattn.attention(q, k, v, "longformer", window=3, dilation=[2, 2], block_size=8)
+    b = effattn.attention(q, k, v, "longformer", window=3, dilation=2, block_size=8)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import weakref
 from collections import OrderedDict
 from typing import Optional
 
@@ -60,6 +61,9 @@ _MODES = {"0": "off", "off": "off", "false": "off", "1": "on", "on": "on", "true
           "auto": "auto", "": "auto"}
 _override: Optional[str] = None
 _cache: "OrderedDict[tuple, Optional[tuple]]" = OrderedDict()
+#: id(kv_blocks) -> (weakref to it, weakref to full | None, versions, nkb, tables): the
+#: same layout object seen again (callers that memoize their layouts) skips the digest
+_by_identity: "OrderedDict[int, tuple]" = OrderedDict()
 _compiled = None
 _exhausted = False  # dynamo's recompile limit was hit: no more dispatch in this process
 
@@ -119,6 +123,8 @@ def block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]
     """FlexAttention block tables of an engine layout, cached per (layout, full slots,
     ``nkb``, device).
 
+    The same ``kv_blocks`` object (unchanged since) with the same ``full`` object is
+    answered without reading them; any other is keyed by a digest of its content.
     ``kv_blocks`` long ``[Bl, Hl, nqb, S]`` (``-1`` = empty slot); ``full`` bool,
     broadcastable to it: slots whose every pair is allowed (FlexAttention skips their
     ``mask_mod``).  Returns ``(kv_num_blocks [B', H', nqb], kv_indices [B', H', nqb, nkb],
@@ -126,6 +132,22 @@ def block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]
     full slots; ``member`` bool ``[B', H', nqb, nkb]``: the listed block pairs), or ``None``
     when some row lists a block twice.
     """
+    versions = (kv_blocks._version, None if full is None else full._version)
+    seen = _by_identity.get(id(kv_blocks))
+    if (seen is not None and seen[0]() is kv_blocks and (seen[1] and seen[1]()) is full
+            and seen[2] == versions and seen[3] == nkb):
+        return seen[4]
+    tables = _block_tables(kv_blocks, nkb, full)
+    _by_identity[id(kv_blocks)] = (weakref.ref(kv_blocks), None if full is None else weakref.ref(full),
+                                   versions, nkb, tables)
+    _by_identity.move_to_end(id(kv_blocks))
+    while len(_by_identity) > CACHE_SIZE:
+        _by_identity.popitem(last=False)
+    return tables
+
+
+def _block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]):
+    """:func:`block_tables` keyed by the layout's content (a digest of its bytes)."""
     cpu = kv_blocks.detach().to("cpu", torch.long).contiguous()
     fcpu = None
     if full is not None:
@@ -233,9 +255,10 @@ def _mods(plan, member: torch.Tensor):
     """``(mask_mod, score_mod or None)`` of an engine plan: the engine's pair rules on
     original positions, the self-exclusion penalty as a score modification.
 
-    ``mask_mod`` also requires the block pair to be listed (``member [B', H', nqb, nkb]``):
-    the compiled kernel only visits listed blocks anyway, but FlexAttention's eager
-    fallback (e.g. past dynamo's recompile limit) evaluates ``mask_mod`` on every pair.
+    ``mask_mod`` also requires the block pair to be listed (``member [B', H', nqb, nkb]``)
+    unless the plan's rules already imply it (``exact_layout``): the compiled kernel only
+    visits listed blocks anyway, but FlexAttention's eager fallback (e.g. past dynamo's
+    recompile limit, or with dynamo disabled) evaluates ``mask_mod`` on every pair.
     """
     qp = _reader(plan.q_pos, plan.default_pos)
     kp = _reader(plan.k_pos, plan.default_pos)
@@ -247,6 +270,8 @@ def _mods(plan, member: torch.Tensor):
         a, c = qp(b, h, qi), kp(b, h, ki)
         ok = allowed_pairs(a, c, causal=plan.causal, k_valid=None if kv is None else kv(b, h, ki),
                            pair_mask=plan.pair_mask)
+        if plan.exact_layout and ok is not None:
+            return ok
         inside = listed(b, h, torch.div(qi, bq, rounding_mode="floor") * nkb
                         + torch.div(ki, bk, rounding_mode="floor"))
         return inside if ok is None else ok & inside

@@ -26,6 +26,7 @@ densely over all keys, extra global keys densely (merged on log-sum-exp).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -115,24 +116,43 @@ def _check_global_qkv(global_qkv, B, H, D, Dv):
     return gq, gk, gv
 
 
-def _one_layout(q, k, v, pattern, n_global_blocks, bs, kv, run):
-    """The whole pattern as one layout call (for FlexAttention: global query blocks list
-    every key block, all as full blocks).  ``pattern [H, nb, nb]``; returns ``(out, lse)``."""
-    nb = pattern.shape[-1]
-    causal = run["causal"]
-    if not causal:  # causal global rows already list their whole past
-        pattern = pattern | global_block_mask(nb, n_global_blocks, causal, pattern.device)[:, None]
-    layout = compact_layout(pattern)[None]
-    first_q = torch.arange(nb, device=q.device)[:, None] * bs
+@functools.lru_cache(maxsize=4)
+def _layouts(nb: int, H: int, bs: int, n_window_blocks: int, n_global_blocks: int,
+             n_random_blocks: int, seed: int, causal: bool, rows: tuple, device: torch.device):
+    """``(layout [1, H, n_row_blocks, S], full_slots like it)`` of query blocks
+    ``rows = (first, stop)``; ``rows = None``: every query block, global query blocks listing
+    every key block (the whole pattern as one layout, for FlexAttention).  Whole blocks are
+    seen; causal: except a key block reaching past the query block's start.  Memoized (the
+    same objects come back, so the FlexAttention dispatch finds its block tables by
+    identity); callers must not modify them."""
+    pattern, _ = bigbird_block_pattern(nb, H, n_window_blocks=n_window_blocks,
+                                       n_global_blocks=n_global_blocks,
+                                       n_random_blocks=n_random_blocks, seed=seed,
+                                       causal=causal, device=device)
+    if rows is None:
+        rows = (0, nb)
+        if not causal:  # causal global rows already list their whole past
+            pattern = pattern | global_block_mask(nb, n_global_blocks, causal, device)[:, None]
+    layout = compact_layout(pattern[:, rows[0]:rows[1]])[None]
+    first_q = (rows[0] + torch.arange(layout.shape[2], device=device))[:, None] * bs
     full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
-    return block_sparse_attention(q, k, v, layout, block_q=bs, block_k=bs, k_valid=kv,
-                                  full_slots=full, **run)
+    return layout, full
 
 
-def _row_pieces(q, k, v, pattern, spans, bs, kv, run):
+def _one_layout(q, k, v, layouts, kv, run):
+    """The whole pattern as one layout call (for FlexAttention: global query blocks list
+    every key block, all as full blocks).  ``layouts(rows)`` -> (layout, full); returns
+    ``(out, lse)``."""
+    layout, full = layouts(None)
+    return block_sparse_attention(q, k, v, layout, k_valid=kv, full_slots=full, **run)
+
+
+def _row_pieces(q, k, v, layouts, spans, kv, run):
     """Global query rows densely over every key, the others through the block layout
-    (``spans`` = first/middle/last row ranges); returns ``(out, lse)`` in row order."""
+    (``spans`` = first/middle/last row ranges; ``layouts(rows)`` -> (layout, full) of query
+    blocks ``rows``); returns ``(out, lse)`` in row order."""
     N = q.shape[2]
+    bs = run["block_q"]
     first, mid, last = spans
     causal = run["causal"]
     pieces = []
@@ -142,21 +162,16 @@ def _row_pieces(q, k, v, pattern, spans, bs, kv, run):
         rows = torch.cat([torch.arange(*r, device=q.device) for r in grows])
         kend = first[1] if causal else N
         go, gl = block_sparse_attention(
-            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, block_q=bs,
-            block_k=bs, q_pos=rows[None, None], k_valid=None if kv is None else kv[..., :kend], **run)
+            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, q_pos=rows[None, None],
+            k_valid=None if kv is None else kv[..., :kend], **run)
         n_first = first[1] - first[0]
         pieces.append(("first", go[:, :, :n_first], None if gl is None else gl[:, :, :n_first]))
         pieces.append(("last", go[:, :, n_first:], None if gl is None else gl[:, :, n_first:]))
     if mid[1] > mid[0]:
-        qb0, qb1 = mid[0] // bs, n_blocks(mid[1], bs)
-        layout = compact_layout(pattern[:, qb0:qb1])[None]
+        layout, full = layouts((mid[0] // bs, n_blocks(mid[1], bs)))
         rows = torch.arange(*mid, device=q.device)
-        # whole blocks are seen; causal: except a key block reaching past the query block's start
-        first_q = (qb0 + torch.arange(layout.shape[2], device=q.device))[:, None] * bs
-        full = (layout >= 0) & ((layout + 1) * bs - 1 <= first_q) if causal else layout >= 0
-        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, block_q=bs,
-                                        block_k=bs, q_pos=rows[None, None], k_valid=kv,
-                                        full_slots=full, **run)
+        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, q_pos=rows[None, None],
+                                        k_valid=kv, full_slots=full, **run)
         pieces.append(("mid", mo, ml))
     order = {"first": 0, "mid": 1, "last": 2}
     pieces.sort(key=lambda p: order[p[0]])
@@ -192,17 +207,18 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
     kv = None if padding_mask is None else padding_mask[:, None]
     bs = block_size
     nb = n_blocks(N, bs)
-    pattern, _ = bigbird_block_pattern(nb, H, n_window_blocks=n_window_blocks,
-                                       n_global_blocks=n_global_blocks,
-                                       n_random_blocks=n_random_blocks, seed=seed,
-                                       causal=causal, device=q.device)
+    layouts = functools.partial(_layouts, nb, H, bs, n_window_blocks, n_global_blocks,
+                                n_random_blocks, seed, causal, device=q.device)
     first, mid, last = _row_spans(N, bs, nb, n_global_blocks, causal)
-    run = dict(scale=scale, causal=causal, exclude_self=shared_qk,
+    run = dict(scale=scale, causal=causal, exclude_self=shared_qk, block_q=bs, block_k=bs,
                need_lse=return_lse or extra is not None)
-    if _flex.would_dispatch(q, k, v, run["need_lse"], B * H * N * nb * bs):
-        out, lse = _one_layout(q, k, v, pattern, n_global_blocks, bs, kv, run)
+    # one layout listing every block for the global rows only where FlexAttention may take
+    # it (its padded block table is bounded); elsewhere the global rows run densely
+    if (_flex.would_dispatch(q, k, v, run["need_lse"], B * H * N * nb * bs)
+            and H * nb * nb <= _flex.MAX_TABLE):
+        out, lse = _one_layout(q, k, v, layouts, kv, run)
     else:
-        out, lse = _row_pieces(q, k, v, pattern, (first, mid, last), bs, kv, run)
+        out, lse = _row_pieces(q, k, v, layouts, (first, mid, last), kv, run)
     if extra is not None:
         _, gk, gv = (t.to(dtype).expand(B, -1, -1, -1) for t in extra)
         # a sequence with no real token has no global summary either: its rows stay empty

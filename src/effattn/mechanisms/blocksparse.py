@@ -69,6 +69,7 @@ class _Plan:
     group_blocks: int  # query blocks per group
     slot_chunk: int  # key blocks (dense) or slots (sparse) per inner step
     full_slots: Optional[torch.Tensor] = None  # bool, like kv_blocks: every pair allowed
+    exact_layout: bool = False  # every pair the rules allow lies in a listed block
 
     @property
     def nqb(self) -> int:
@@ -315,7 +316,7 @@ def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch
 
 def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclude_self=False,
              q_pos=None, k_pos=None, k_valid=None, pair_mask=None, tile_budget=None,
-             group_blocks=None, slot_chunk=None, full_slots=None):
+             group_blocks=None, slot_chunk=None, full_slots=None, exact_layout=False):
     """Validate a call, build its :class:`_Plan` and pad/cast ``q, k, v`` to block multiples
     in the statistics dtype -> ``(plan, qc, kc, vc)`` (arguments as
     :func:`block_sparse_attention`)."""
@@ -355,7 +356,7 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
             group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
     plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
                  qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
-                 None if kv_blocks is None else full_slots)
+                 None if kv_blocks is None else full_slots, bool(exact_layout))
     qc = _pad_rows(q.to(mdt), NQ).contiguous()
     kc = _pad_rows(k.to(mdt), NK).contiguous()
     vc = _pad_rows(v.to(mdt), NK).contiguous()
@@ -412,6 +413,7 @@ def block_sparse_attention(
     slot_chunk: Optional[int] = None,
     need_lse: bool = True,
     full_slots: Optional[torch.Tensor] = None,
+    exact_layout: bool = False,
 ):
     """Attention restricted to a block layout.
 
@@ -434,6 +436,9 @@ def block_sparse_attention(
         full_slots: optional bool, broadcastable to ``kv_blocks``: slots in which the
             caller's rules (causal and ``pair_mask``, on the given positions) allow every
             pair; a hint for the FlexAttention path (padding is checked here).
+        exact_layout: the caller's rules (causal, ``pair_mask``, ``k_valid``) allow no
+            pair outside the listed blocks, so FlexAttention's ``mask_mod`` needs no
+            listing check (a table read per score of partial blocks).
 
     Returns:
         ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
@@ -444,7 +449,7 @@ def block_sparse_attention(
                                 causal=causal, exclude_self=exclude_self, q_pos=q_pos, k_pos=k_pos,
                                 k_valid=k_valid, pair_mask=pair_mask, tile_budget=tile_budget,
                                 group_blocks=group_blocks, slot_chunk=slot_chunk,
-                                full_slots=full_slots)
+                                full_slots=full_slots, exact_layout=exact_layout)
     Nq = q.shape[2]
     res = None
     if _flex.usable(plan, qc, kc, vc, need_lse):

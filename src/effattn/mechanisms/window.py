@@ -25,11 +25,14 @@ from effattn.mechanisms.blocksparse import block_sparse_attention
 
 
 def _dilations(dilation, H: int, device) -> torch.Tensor:
-    """``dilation`` (int, or list of H ints) as long ``[1]`` or ``[H]``."""
+    """``dilation`` (int, or list of H ints) as long ``[1]`` (one value for every head) or ``[H]``."""
     if isinstance(dilation, (list, tuple)):
         if len(dilation) != H:
             raise ValueError(f"dilation: expected an int or a list of H = {H} ints, got {len(dilation)} values")
-        return torch.tensor([check_int("dilation", d, 1) for d in dilation], device=device)
+        dil = [check_int("dilation", d, 1) for d in dilation]
+        if len(set(dil)) == 1:  # the same for every head: one value (no per-head tables)
+            dil = dil[:1]
+        return torch.tensor(dil, device=device)
     return torch.tensor([check_int("dilation", dilation, 1)], device=device)
 
 
@@ -114,6 +117,14 @@ def _scatter_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows:
     return ext.scatter(2, target, rows.to(x.dtype))[:, :, :N]
 
 
+def _band_rule(width: int, dil: int):
+    """Elementwise pair rule ``|i - j| <= width`` and ``dil | i - j`` on plain ints (inside
+    FlexAttention's compiled ``mask_mod`` they are constants, no table reads)."""
+    if dil == 1:
+        return elementwise(lambda a, b: (a - b).abs() <= width)
+    return elementwise(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0))
+
+
 def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
                window=128, dilation=1, global_tokens=None, block_size=64):
     """Longformer attention: each token sees ``i ± dilation·m`` for ``m = 0..window``
@@ -135,19 +146,21 @@ def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     kv = None if padding_mask is None else padding_mask[:, None]
     W = window * dil
 
-    def in_window(a, b):
-        d = a - b
-        ok = (d.abs() <= per_head(W, a)) & (d % per_head(dil, a) == 0)
-        return ok if glob is None else ok & ~lookup(glob[2], b)
+    if dil.numel() == 1 and glob is None:  # no head or batch dependence: a closed form
+        in_window = _band_rule(int(W), int(dil))
+    else:
+        def in_window(a, b):
+            d = a - b
+            ok = (d.abs() <= per_head(W, a)) & (d % per_head(dil, a) == 0)
+            return ok if glob is None else ok & ~lookup(glob[2], b)
 
-    if dil.numel() == 1 and glob is None:  # no head or batch dependence
-        in_window = elementwise(in_window)
     layout = longformer_layout(N, window, dil, block_size, causal)
     full = None if glob is not None else longformer_full_slots(layout, N, window, dil, block_size, causal)
+    # the layout lists every block pair holding an in-window pair
     out, lse = block_sparse_attention(
         q, k, v, layout, block_q=block_size, block_k=block_size, scale=scale, causal=causal,
         exclude_self=shared_qk, k_valid=kv, pair_mask=in_window,
-        need_lse=return_lse or glob is not None, full_slots=full)
+        need_lse=return_lse or glob is not None, full_slots=full, exact_layout=True)
     if glob is not None:
         gidx, gvalid, _ = glob
         G = gidx.shape[1]
