@@ -28,6 +28,7 @@ zeros; no additive eps biases the other rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -110,80 +111,210 @@ def streamed_feature_attention(
     *,
     n_features: int,
     padding_mask: Optional[torch.Tensor] = None,
+    params: tuple = (),
 ) -> torch.Tensor:
     """Non-causal ``phi(Q) (phi(K)^T V)`` normalized, streamed over positions.
 
     ``q_inputs``: tensors ``[B, H, Nq, ·]`` sliced together along positions and passed to
-    ``q_map(*slices) -> phi_q [B, H, r, M]``; ``k_inputs``: tensors ``[B, H, Nk, ·]`` (or
-    ``[B, H, Nk]``) passed to ``k_map(*slices) -> (psi_k [B, H, r, M], log_k [B, H, r] |
-    None)``, the key features being ``exp(log_k) psi_k`` — or ``(None, log_k [B, H, r, M])``
-    for features ``exp(log_k)`` given in log form (stabilized before exponentiating, so
-    only one ``r x M`` tensor per chunk is kept for backward); ``n_features`` = M (sizes the
-    chunks); ``v [B, H, Nk, Dv]`` with padded rows finite; ``padding_mask`` bool
-    ``[B, Nk]`` (True = real key).
+    ``q_map(*slices, *params) -> phi_q [B, H, r, M]``; ``k_inputs``: tensors ``[B, H, Nk, ·]``
+    (or ``[B, H, Nk]``) passed to ``k_map(*slices, *params) -> (psi_k [B, H, r, M], log_k
+    [B, H, r] | None)``, the key features being ``exp(log_k) psi_k`` — or ``(None, log_k
+    [B, H, r, M])`` for features ``exp(log_k)`` given in log form (stabilized before
+    exponentiating, so only one ``r x M`` tensor per chunk is kept for backward);
+    ``params``: tensors both maps use whole (e.g. a projection; they get gradients);
+    ``n_features`` = M (sizes the chunks); ``v [B, H, Nk, Dv]`` with padded rows finite;
+    ``padding_mask`` bool ``[B, Nk]`` (True = real key).
     Returns ``out [B, H, Nq, Dv]`` in ``v.dtype``; a query with no real key (or an all-zero
     kernel row) outputs zeros.
 
     Keys are consumed a cache-sized chunk of positions at a time into
-    ``S = sum_j phi(k_j) [v_j, 1]`` (``[B, H, M, Dv + 1]``): ``log_k`` is folded in against a running maximum ``c`` (the
-    stored sum is rescaled by ``exp(c_old - c_new)`` when it grows — the constant cancels
-    in the ratio), so no ``N x M`` feature tensor ever exists; then each query chunk is
-    one matmul ``phi(q) S`` giving numerator and normalizer together.  Autograd flows
-    through every chunk (``log_k`` included; ``c`` is gradient-free).
+    ``S = sum_j phi(k_j) [v_j, 1]`` (``[B, H, M, Dv + 1]``): ``log_k`` is folded in
+    against a running maximum ``c`` (the stored sum is rescaled by ``exp(c_old - c_new)``
+    when it grows — the constant cancels in the ratio, so ``c`` is gradient-free), so no
+    ``N x M`` feature tensor ever exists; then each query chunk is one matmul
+    ``phi(q) S`` giving numerator and normalizer together.  With gradients, each chunk's
+    feature map keeps its own small autograd graph (its features, as a plain autograd
+    pass would) and the backward writes each chunk's input gradients straight into
+    whole-length buffers: no per-chunk gradient copies concatenated at the end, no
+    ``[N, Dv + 1]`` products kept (first-order gradients only).
     """
+    tensors = (*q_inputs, *k_inputs, v, *params)
+    spec = (len(q_inputs), len(k_inputs), q_map, k_map, n_features, padding_mask)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _StreamedFeatures.apply(spec, *tensors)
+    return _stream(spec, tensors, keep=False)[0]
+
+
+def _leaves(parts, keep: bool):
+    """Detached copies of ``parts`` that start a chunk's own graph (``keep``), else as is."""
+    if not keep:
+        return list(parts)
+    return [t.detach().requires_grad_(t.requires_grad) for t in parts]
+
+
+def _stream(spec, tensors, keep: bool):
+    """The streamed computation of :func:`streamed_feature_attention` -> ``(out, state)``;
+    with ``keep``, ``state`` holds what :class:`_StreamedFeatures` needs for backward
+    (each chunk's graph from its own leaves; ``S``; the normalizers)."""
+    nq, nk, q_map, k_map, n_features, padding_mask = spec
+    q_inputs, k_inputs = tensors[:nq], tensors[nq:nq + nk]
+    v, params = tensors[nq + nk], tensors[nq + nk + 1:]
     B, H, Nk, Dv = v.shape
     Nq = q_inputs[0].shape[2]
+    p_leaves = _leaves(params, keep)
+    grad_ctx = torch.enable_grad() if keep else contextlib.nullcontext()
     S = c = None
+    k_chunks = []  # per chunk: (part with its graph, leaves (k inputs, v), rescale)
     R = _stream_rows(B, H, n_features, Nk)
-    # split (not slicing): its backward is one concatenation, where each slice's backward
-    # would allocate a zero tensor of the full input -> quadratic in N
-    k_chunks = list(zip(*[t.split(R, dim=2) for t in k_inputs], v.split(R, dim=2)))
-    for i, (*k_parts, v_part) in enumerate(k_chunks):
+    for i, (*k_parts, v_part) in enumerate(zip(*[t.split(R, dim=2) for t in k_inputs], v.split(R, dim=2))):
         s0 = i * R
         e = s0 + v_part.shape[2]
-        psi, log_k = k_map(*k_parts)
+        leaves = _leaves((*k_parts, v_part), keep)
         valid = None if padding_mask is None else padding_mask[:, None, s0:e]  # [B, 1, r]
         rescale = None
-        if log_k is not None:
-            row_max = log_k.detach().amax(-1) if psi is None else log_k.detach()  # [B, H, r]
-            c, c_safe, rescale = _raise_running_max(c, row_max, valid, S is not None)
-            if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
-                expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
-                if valid is not None:
-                    expo = expo.masked_fill_(~valid[..., None], float("-inf"))
-                psi = expo.exp_()
-            else:
-                expo = log_k - c_safe
-                if valid is not None:
-                    expo = expo.masked_fill(~valid, float("-inf"))
-                psi = psi * torch.exp(expo)[..., None]
-        elif valid is not None:
-            psi = psi.masked_fill(~valid[..., None], 0.0)
-        part = torch.cat([torch.matmul(psi.transpose(-1, -2), v_part),
-                          psi.sum(-2)[..., None]], dim=-1)  # [B, H, M, Dv + 1]
+        with grad_ctx:
+            psi, log_k = k_map(*leaves[:-1], *p_leaves)
+            if log_k is not None:
+                row_max = log_k.detach().amax(-1) if psi is None else log_k.detach()  # [B, H, r]
+                c, c_safe, rescale = _raise_running_max(c, row_max, valid, S is not None)
+                if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
+                    expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
+                    if valid is not None:
+                        expo = expo.masked_fill_(~valid[..., None], float("-inf"))
+                    psi = expo.exp_()
+                else:
+                    expo = log_k - c_safe
+                    if valid is not None:
+                        expo = expo.masked_fill(~valid, float("-inf"))
+                    psi = psi * torch.exp(expo)[..., None]
+            elif valid is not None:
+                psi = psi.masked_fill(~valid[..., None], 0.0)
+            part = torch.cat([torch.matmul(psi.transpose(-1, -2), leaves[-1]),
+                              psi.sum(-2)[..., None]], dim=-1)  # [B, H, M, Dv + 1]
+        if keep:
+            k_chunks.append((part, leaves, rescale))
+            part = part.detach()
         if S is None:
             S = part
         elif rescale is not None:
             S = S * rescale[..., None] + part
         else:
             S = S + part
+    out = v.new_empty(B, H, Nq, Dv)
     if S is None:  # no keys at all
-        return v.new_zeros(B, H, Nq, Dv)
-    grad = torch.is_grad_enabled() and (S.requires_grad or any(t.requires_grad for t in q_inputs))
-    out = None if grad else v.new_empty(B, H, Nq, Dv)
-    pieces = []
+        return out.zero_(), None
+    dens, q_chunks = [], []
     Rq = _stream_rows(B, H, n_features, Nq)
-    q_chunks = list(zip(*[t.split(Rq, dim=2) for t in q_inputs]))
-    for i, q_parts in enumerate(q_chunks):
+    for i, q_parts in enumerate(zip(*[t.split(Rq, dim=2) for t in q_inputs])):
         s0 = i * Rq
-        phi_q = q_map(*q_parts)
+        leaves = _leaves(q_parts, keep)
+        with grad_ctx:
+            phi_q = q_map(*leaves, *p_leaves)
+        if keep:
+            q_chunks.append((phi_q, leaves))
+            phi_q = phi_q.detach()
         nd = torch.matmul(phi_q, S)  # [B, H, r, Dv + 1]
-        o = _normalize(nd[..., :Dv], nd[..., Dv], None)
-        if out is None:
-            pieces.append(o)
-        else:
-            out[:, :, s0:s0 + Rq] = o
-    return torch.cat(pieces, dim=2) if out is None else out
+        out[:, :, s0:s0 + Rq] = _normalize(nd[..., :Dv], nd[..., Dv], None)
+        if keep:
+            dens.append(nd[..., Dv].clone())  # not a view: nd itself is not kept
+    state = None
+    if keep:
+        state = dict(S=S, den=torch.cat(dens, 2), k_chunks=k_chunks, q_chunks=q_chunks,
+                     p_leaves=p_leaves, Rq=Rq, R=R)
+    return out, state
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward was asked to keep the graph (``retain_graph``); True
+    when this torch cannot tell (then nothing is freed early)."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
+def _chunk_grads(output, leaves, p_leaves, grad, bufs, p_grads, s0, retain):
+    """Backward of one chunk's own graph: ``output``'s gradient ``grad`` to its
+    ``leaves`` (written into whole-length ``bufs`` at rows ``s0:``; None = not needed) and
+    the shared ``p_leaves`` (added to ``p_grads``); ``retain`` keeps that graph."""
+    want = [x for x in (*leaves, *p_leaves) if x.requires_grad]
+    got = iter(torch.autograd.grad(output, want, grad, allow_unused=True, retain_graph=retain)
+               if want else ())
+    for x, buf in zip(leaves, bufs):
+        if x.requires_grad:
+            g = next(got)
+            if buf is not None:
+                rows = buf[:, :, s0:s0 + x.shape[2]]
+                rows.copy_(g) if g is not None else rows.zero_()
+    for j, x in enumerate(p_leaves):
+        if x.requires_grad:
+            g = next(got)
+            if g is not None:
+                p_grads[j] = g if p_grads[j] is None else p_grads[j] + g
+
+
+class _StreamedFeatures(torch.autograd.Function):
+    """:func:`streamed_feature_attention` with gradients (see there); inputs
+    ``(spec, *q_inputs, *k_inputs, v, *params)``."""
+
+    @staticmethod
+    def forward(ctx, spec, *tensors):
+        out, state = _stream(spec, tensors, keep=True)
+        ctx.spec, ctx.state = spec, state
+        ctx.shapes = [(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors]
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        (out,) = ctx.saved_tensors
+        st, (nq, nk) = ctx.state, ctx.spec[:2]
+        bufs = [torch.empty(sh, dtype=dt, device=dev) if rg else None
+                for sh, dt, dev, rg in ctx.shapes]
+        if st is None:  # no keys: the output is constant zeros
+            return (None, *[None if b is None else b.zero_() for b in bufs])
+        n_par = len(bufs) - nq - nk - 1
+        p_grads = [None] * n_par
+        # without retain_graph each chunk's graph is freed as soon as it is done
+        retain = _keep_graph()
+        S, den, Dv = st["S"], st["den"], out.shape[-1]
+        dS = torch.zeros_like(S)
+        Rq = st["Rq"]
+        # last chunk first, as for the keys: freed in reverse order of allocation, the
+        # chunks' memory can go back to the system as it is released
+        for i in range(len(st["q_chunks"]) - 1, -1, -1):
+            phi_q, leaves = st["q_chunks"][i]
+            s0 = i * Rq
+            g = dout[:, :, s0:s0 + Rq].to(out.dtype)
+            d = den[:, :, s0:s0 + Rq]
+            empty = d == 0
+            inv = torch.where(empty, torch.zeros_like(d), 1.0 / torch.where(empty, torch.ones_like(d), d))
+            # out = num / den (0 where den = 0): d num = g / den, d den = -(g . out) / den
+            g_nd = torch.cat([g * inv[..., None],
+                              (-(g * out[:, :, s0:s0 + Rq]).sum(-1) * inv)[..., None]], dim=-1)
+            phi = phi_q.detach()
+            dS += torch.matmul(phi.transpose(-1, -2), g_nd)
+            if phi_q.requires_grad:
+                _chunk_grads(phi_q, leaves, st["p_leaves"], torch.matmul(g_nd, S.transpose(-1, -2)),
+                             bufs[:nq], p_grads, s0, retain)
+            if not retain:
+                st["q_chunks"][i] = None
+        R = st["R"]
+        for i in range(len(st["k_chunks"]) - 1, -1, -1):
+            part, leaves, rescale = st["k_chunks"][i]
+            if part.requires_grad:
+                _chunk_grads(part, leaves, st["p_leaves"], dS, bufs[nq:nq + nk + 1], p_grads, i * R,
+                             retain)
+            if rescale is not None:  # S_i = S_{i-1} * rescale + part_i
+                dS = dS * rescale[..., None]
+            if not retain:
+                st["k_chunks"][i] = None
+        if not retain:
+            ctx.state = None
+        for j, g in enumerate(p_grads):
+            b = bufs[nq + nk + 1 + j]
+            if b is not None:
+                b.copy_(g) if g is not None else b.zero_()
+        return (None, *bufs)
 
 
 def feature_map_attention(
@@ -556,10 +687,11 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
                                     k_log=k_log, chunk=chunk)
     else:
         out = streamed_feature_attention(
-            (qc,), (kc,), vc, lambda x: performer_features(x, w, kernel, is_query=True, r=r)[0],
-            (lambda x: (None, performer_logits(x, w, r))) if kernel == "softmax"
-            else (lambda x: performer_features(x, w, kernel, is_query=False, r=r)),
-            n_features=w.shape[0] * (2 if kernel == "trig" else 1), padding_mask=padding_mask)
+            (qc,), (kc,), vc, lambda x, w_: performer_features(x, w_, kernel, is_query=True, r=r)[0],
+            (lambda x, w_: (None, performer_logits(x, w_, r))) if kernel == "softmax"
+            else (lambda x, w_: performer_features(x, w_, kernel, is_query=False, r=r)),
+            n_features=w.shape[0] * (2 if kernel == "trig" else 1), padding_mask=padding_mask,
+            params=(w,))
     return out.to(q.dtype), None
 
 
