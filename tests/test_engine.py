@@ -162,3 +162,45 @@ def test_engine_bf16_matmuls_keep_float32_statistics(causal):
         assert a.dtype == torch.bfloat16
         err = (a.double() - b).norm() / b.norm()
         assert err < 2e-2, float(err)
+
+
+@given(
+    N=st.integers(8, 70), block=st.sampled_from([4, 8]), reach=st.integers(1, 3),
+    w=st.integers(0, 30), causal=st.booleans(), pad=st.booleans(), seed=st.integers(0, 1000),
+)
+def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, reach, w, causal, pad, seed):
+    """Slots marked ``full_slots`` skip the pair rules on the own path (the other slots,
+    empty ones and blocks holding padding keep them): on a band layout with a window rule
+    the result equals the dense reference when the hint is the truth."""
+    q, k, v = rand_qkv(2, 2, N, N, 4, 3, seed=seed)
+    nb = -(-N // block)
+    qb = torch.arange(nb)[:, None]
+    cand = qb + torch.arange(-reach, reach + 1)
+    layout = torch.where((cand >= 0) & (cand < nb), cand, -1)[None, None]
+    k_valid = random_padding(2, N, seed=seed)[:, None, :] if pad else None
+
+    def pair(a, b):
+        return (a - b).abs() <= w
+
+    # the hint's truth per slot: every (query, key) of the block pair passes the rules
+    lo_q, hi_q = qb * block, torch.clamp((qb + 1) * block, max=N) - 1
+    kb = layout.clamp(min=0)
+    lo_k, hi_k = kb * block, torch.clamp((kb + 1) * block, max=N) - 1
+    full = (layout >= 0) & ((hi_q - lo_k).abs() <= w) & ((lo_q - hi_k).abs() <= w)
+    if causal:
+        full &= hi_k <= lo_q
+    got, _ = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.5,
+                                    causal=causal, k_valid=k_valid, pair_mask=pair, full_slots=full)
+    ref, _ = dense_reference(q, k, v, layout, block, block, 0.5, causal, False, k_valid, pair)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9)
+
+
+def test_mask_runs_group_the_slots_needing_rules():
+    from effattn.mechanisms.blocksparse import _mask_runs
+
+    free = torch.tensor([[[[False, True, True, False, True]]]])
+    idx = torch.tensor([[[[3, 4, 5, 6, -1]]]])
+    assert _mask_runs(free, idx, 8) == [(0, 8), (24, 40)]
+    assert _mask_runs(torch.ones_like(free), idx.clamp(min=0), 8) == []
+    alternating = torch.tensor([[[[False, True] * 6]]])
+    assert _mask_runs(alternating, torch.zeros(1, 1, 1, 12, dtype=torch.long), 2) is None

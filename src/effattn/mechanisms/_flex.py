@@ -181,19 +181,6 @@ def _block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor
     return tables
 
 
-def _full_slots(plan) -> Optional[torch.Tensor]:
-    """The plan's ``full_slots`` hint with slots touching an invalid (padding) key removed."""
-    full = plan.full_slots
-    if full is None or plan.k_valid is None:
-        return full
-    kv = plan.k_valid
-    ok = kv.reshape(*kv.shape[:-1], plan.nkb, plan.block_k).all(-1)  # [Bv, Hv, nkb]
-    lay = plan.kv_blocks
-    shape = torch.broadcast_shapes(ok.shape[:2] + (1, 1), lay.shape, full.shape)
-    ok = ok[..., None, :].expand(*shape[:2], shape[2], plan.nkb)
-    return full.expand(shape) & torch.gather(ok, -1, lay.clamp(min=0).expand(shape))
-
-
 def exhausted() -> bool:
     """Whether dispatch stopped because ``torch.compile`` hit its recompile limit."""
     return _exhausted
@@ -228,7 +215,7 @@ def usable(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bo
         return False
     if not would_dispatch(q, k, v, need_lse, plan.B * plan.H * q.shape[2] * S * plan.block_k):
         return False
-    return block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan)) is not None
+    return block_tables(plan.kv_blocks, plan.nkb, plan.unmasked_slots()) is not None
 
 
 def _reader(t: Optional[torch.Tensor], arange: bool):
@@ -291,7 +278,7 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
     import torch._dynamo
     from torch.nn.attention.flex_attention import BlockMask
 
-    num, idx, fnum, fidx, member = block_tables(plan.kv_blocks, plan.nkb, _full_slots(plan))
+    num, idx, fnum, fidx, member = block_tables(plan.kv_blocks, plan.nkb, plan.unmasked_slots())
     mask_mod, score_mod = _mods(plan, member)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     bm = BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=(plan.block_q, plan.block_k),

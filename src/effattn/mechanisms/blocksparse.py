@@ -71,6 +71,20 @@ class _Plan:
     full_slots: Optional[torch.Tensor] = None  # bool, like kv_blocks: every pair allowed
     exact_layout: bool = False  # every pair the rules allow lies in a listed block
 
+    def unmasked_slots(self) -> Optional[torch.Tensor]:
+        """The ``full_slots`` hint with slots touching an invalid (padding) key removed:
+        bool, broadcastable to ``kv_blocks``, True where no pair rule needs applying
+        (``None``: no hint)."""
+        full = self.full_slots
+        if full is None or self.k_valid is None:
+            return full
+        kv = self.k_valid
+        ok = kv.reshape(*kv.shape[:-1], self.nkb, self.block_k).all(-1)  # [Bv, Hv, nkb]
+        lay = self.kv_blocks
+        shape = torch.broadcast_shapes(ok.shape[:2] + (1, 1), lay.shape, full.shape)
+        ok = ok[..., None, :].expand(*shape[:2], shape[2], self.nkb)
+        return full.expand(shape) & torch.gather(ok, -1, lay.clamp(min=0).expand(shape))
+
     @property
     def nqb(self) -> int:
         return self.q_pos.shape[-1] // self.block_q
@@ -133,9 +147,9 @@ def _scatter_blocks(dst: torch.Tensor, block: int, idx: torch.Tensor, src: torch
 class _Tile:
     """One (query group, key chunk) tile: index helpers shared by forward and backward."""
 
-    __slots__ = ("rows", "q_pos", "k_pos", "k_valid", "keys", "sparse_idx", "shape_q")
+    __slots__ = ("rows", "q_pos", "k_pos", "k_valid", "keys", "sparse_idx", "shape_q", "mask_cols")
 
-    def __init__(self, rows, q_pos, k_pos, k_valid, keys, sparse_idx, shape_q):
+    def __init__(self, rows, q_pos, k_pos, k_valid, keys, sparse_idx, shape_q, mask_cols=None):
         self.rows = rows  # slice of padded query rows
         self.q_pos = q_pos  # [.., R, 1] (dense) or [.., G, bq, 1] (sparse)
         self.k_pos = k_pos  # [.., 1, L] or [.., G, 1, L]
@@ -143,12 +157,39 @@ class _Tile:
         self.keys = keys  # slice of padded key rows (dense) or None
         self.sparse_idx = sparse_idx  # [Bi, Hi, G, S'] or None
         self.shape_q = shape_q  # view of the query rows for matmul
+        self.mask_cols = mask_cols  # column ranges [(a, b)] needing the pair rules; None = all
+
+
+#: a sparse tile whose slots needing the pair rules form more runs than this is masked whole
+MAX_MASK_RUNS = 4
+
+
+def _mask_runs(free: torch.Tensor, idx: torch.Tensor, bk: int):
+    """Column ranges ``[(a, b)]`` of a sparse tile whose slots need the pair rules: slots not
+    marked rule-free (``free``, bool like ``idx [.., G, S']``) in some row, or empty
+    (``idx < 0``); ``None`` when they form more than :data:`MAX_MASK_RUNS` runs."""
+    need = (~free | (idx < 0)).reshape(-1, idx.shape[-1]).any(0).tolist()
+    runs, start = [], None
+    for j, n in enumerate(need + [False]):
+        if n and start is None:
+            start = j
+        elif not n and start is not None:
+            runs.append((start * bk, j * bk))
+            start = None
+    return runs if len(runs) <= MAX_MASK_RUNS else None
 
 
 def _tiles(p: _Plan):
-    """Yield the tiles of plan ``p`` grouped by query group: ``(rows, [tiles])``."""
+    """Yield the tiles of plan ``p`` grouped by query group: ``(rows, [tiles])``.  Sparse
+    tiles carry the column ranges that need the pair rules (slots the caller marked
+    ``full_slots`` skip them; not with shared-QK self-exclusion, which is everywhere)."""
     bq, bk = p.block_q, p.block_k
     nqb = p.nqb
+    free = None
+    if p.kv_blocks is not None and not p.exclude_self:
+        free = p.unmasked_slots()
+        if free is not None:
+            free = free.expand(torch.broadcast_shapes(free.shape, p.kv_blocks.shape))
     for g0 in range(0, nqb, p.group_blocks):
         g1 = min(nqb, g0 + p.group_blocks)
         rows = slice(g0 * bq, g1 * bq)
@@ -177,8 +218,9 @@ def _tiles(p: _Plan):
                     kv = kv & _gather_blocks(p.k_valid[..., None], bk, safe)[..., 0]
                 elif bool((idx >= 0).all()):
                     kv = None
+                runs = None if free is None else _mask_runs(free[:, :, g0:g1, s0:s0 + p.slot_chunk], idx, bk)
                 tiles.append(_Tile(rows, qp, kp[..., None, :],
-                                   None if kv is None else kv[..., None, :], None, idx, G))
+                                   None if kv is None else kv[..., None, :], None, idx, G, runs))
         yield rows, tiles
 
 
@@ -202,8 +244,14 @@ def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor) 
     carries the scale."""
     s = torch.matmul(qt_scaled, kt.transpose(-1, -2))
     s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
-    return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
-                       k_valid=t.k_valid, pair_mask=p.pair_mask, inplace=True)
+    if t.mask_cols is None:
+        return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
+                           k_valid=t.k_valid, pair_mask=p.pair_mask, inplace=True)
+    for a, b in t.mask_cols:  # in place on column views: the other slots allow every pair
+        apply_masks(s[..., a:b], t.q_pos, t.k_pos[..., a:b], causal=p.causal, exclude_self=False,
+                    k_valid=None if t.k_valid is None else t.k_valid[..., a:b],
+                    pair_mask=p.pair_mask, inplace=True)
+    return s
 
 
 def _rows_flat(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
