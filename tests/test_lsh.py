@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import effattn
 from effattn.api import shared_qk_keys, spec
@@ -325,3 +326,17 @@ def test_rounds_split_over_calls_recompute_and_match_one_call(monkeypatch):
     torch.testing.assert_close(split[1], one[1])
     for a, b in zip(split[2], one[2]):
         torch.testing.assert_close(a, b)
+
+
+@given(h=st.integers(1, 40), lo=st.integers(-4, 0), hi=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_concat_argmax_equals_argmax_of_the_concatenation(h, lo, hi, seed):
+    """Hashing's argmax over ``concat[xR, -xR]`` with the concatenation never built: same
+    index, ties included (small integers tie often; the first maximum wins)."""
+    from effattn.mechanisms.lsh import concat_argmax
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(lo, hi, (3, 5, h), generator=g).float()
+    x[0, 0] = 0.0  # all equal
+    assert torch.equal(concat_argmax(x), torch.cat([x, -x], -1).argmax(-1))
+    y = torch.randn(4, h, generator=g)
+    assert torch.equal(concat_argmax(y), torch.cat([y, -y], -1).argmax(-1))
