@@ -195,19 +195,23 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     step = max(1, HASH_SLICE_ELEMENTS // max(1, math.prod(x.shape[:-2]) * R * half))
     rot_m = rot.reshape(*rot.shape[:-3], rot.shape[-3], R * half)  # [(H,) D, R*half]
     parts = []
-    buf = None  # one projection buffer for every full slice: a fresh multi-MB tensor per
-    # slice is not always handed back to the OS by glibc when torch runs 2+ threads (measured:
-    # 7.9 GB resident after hashing N = 262,144 tokens with 2 threads, 75 MB with 1)
+    buf = abuf = None  # one projection buffer (and one for |xR|) for every full slice: a
+    # fresh multi-MB tensor per slice is not always handed back to the OS by glibc when torch
+    # runs 2+ threads (measured: 7.9 GB resident after hashing N = 262,144 tokens with 2
+    # threads, 75 MB with 1)
     for n0 in range(0, N, step):
         xs = x[..., n0:n0 + step, :].detach().to(cdt)  # buckets are not differentiable
         shape = (*torch.broadcast_shapes(xs.shape[:-2], rot_m.shape[:-2]), xs.shape[-2], R * half)
         if xs.shape[-2] == step:
-            buf = torch.empty(shape, dtype=cdt, device=x.device) if buf is None else buf
+            if buf is None:
+                buf, abuf = (torch.empty(shape, dtype=cdt, device=x.device) for _ in range(2))
             rv = torch.matmul(xs, rot_m, out=buf)
+            scratch = abuf.view(*shape[:-1], R, half)
         else:
             rv = torch.matmul(xs, rot_m)
+            scratch = None
         rv = rv.view(*rv.shape[:-1], R, half)  # [..., n, R, half]
-        parts.append(concat_argmax(rv).transpose(-1, -2))  # [..., R, n]
+        parts.append(concat_argmax(rv, scratch).transpose(-1, -2))  # [..., R, n]
     buckets = torch.cat(parts, -1)
     per_round = n_buckets
     if valid is not None:
@@ -217,7 +221,7 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     return (buckets + offsets).flatten(-2)
 
 
-def concat_argmax(x: torch.Tensor) -> torch.Tensor:
+def concat_argmax(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``argmax(concat[x, -x], -1)`` without building the concatenation: ``x [..., h]`` ->
     long ``[...]`` in ``[0, 2h)``, the first maximum winning as ``argmax`` does (an entry
     of the positive half beats an equal one of the negative half wherever they sit).
@@ -225,9 +229,10 @@ def concat_argmax(x: torch.Tensor) -> torch.Tensor:
     One index-returning pass over ``|x|`` (torch's index-returning reductions are ~20x
     slower than ``amax`` on CPU; the two-pass max/min form took twice as long): its first
     maximum is the answer unless it is negative while a positive entry reaches the same
-    magnitude, an exact tie resolved for those rows alone."""
+    magnitude, an exact tie resolved for those rows alone.  ``scratch``: optional tensor
+    like ``x`` that receives ``|x|`` (no fresh allocation per call)."""
     half = x.shape[-1]
-    m, idx = x.abs().max(-1)
+    m, idx = (x.abs() if scratch is None else torch.abs(x, out=scratch)).max(-1)
     neg = x.gather(-1, idx[..., None])[..., 0] < 0
     out = idx + half * neg
     tie = neg & (x.amax(-1) == m)
