@@ -98,6 +98,18 @@ def test_engine_keeps_own_path_for_grad_lse_duplicates_and_unmarked_rules(flex_c
     assert flex_calls
 
 
+def test_inference_with_inputs_that_require_grad_goes_to_flex(flex_calls):
+    """Under no_grad, leaf inputs with requires_grad=True (an evaluation loop over
+    parameters) still take the FlexAttention path and match the own path."""
+    q, k, v = (t.requires_grad_(True) for t in rand_qkv(1, 2, 64, 64, 8, dtype=torch.float32, seed=5))
+    lay = torch.tensor([[[[0, -1], [0, 1]]]])
+    kw = dict(block_q=32, block_k=32, scale=0.5, need_lse=False)
+    own, flex = _both(lambda: block_sparse_attention(q, k, v, lay, **kw)[0])
+    assert flex_calls
+    assert not flex.requires_grad
+    torch.testing.assert_close(flex, own, **TOL)
+
+
 def test_block_tables_are_cached_and_reject_duplicates():
     lay = torch.tensor([[[[2, -1, 0], [1, 2, -1]]]])
     t1 = _flex.block_tables(lay, 4)

@@ -281,6 +281,8 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
     num, idx, fnum, fidx, member = block_tables(plan.kv_blocks, plan.nkb, plan.unmasked_slots())
     mask_mod, score_mod = _mods(plan, member)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not training:  # FlexAttention refuses inputs that require grad on CPU, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     bm = BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=(plan.block_q, plan.block_k),
                                   mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
                                   compute_q_blocks=training)

@@ -125,8 +125,9 @@ def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor) -> torch.Tens
     Bo, Ho = max(Bs, idx.shape[0]), max(Hs, idx.shape[1])
     G, S = idx.shape[2], idx.shape[3]
     flat_idx = (_batch_offsets((Bo, Ho), (Bs, Hs), n, x.device) + idx).expand(Bo, Ho, G, S)
-    # index_select is several times faster than advanced indexing for this row gather
-    rows = x.reshape(Bs * Hs * n, block, *feat).index_select(0, flat_idx.reshape(-1))
+    # index_select on a 2-D view: several times faster than advanced indexing, and ~20x
+    # faster than index_select on the same rows viewed as [n, block, F] (its slow path)
+    rows = x.reshape(Bs * Hs * n, block * math.prod(feat)).index_select(0, flat_idx.reshape(-1))
     return rows.view(Bo, Ho, G, S * block, *feat)
 
 
