@@ -340,3 +340,41 @@ def test_concat_argmax_equals_argmax_of_the_concatenation(h, lo, hi, seed):
     assert torch.equal(concat_argmax(x), torch.cat([x, -x], -1).argmax(-1))
     y = torch.randn(4, h, generator=g)
     assert torch.equal(concat_argmax(y), torch.cat([y, -y], -1).argmax(-1))
+
+
+@given(N=st.integers(5, 40), c=st.sampled_from([2, 4, 8]), R=st.integers(1, 3),
+       before=st.integers(0, 2), after=st.integers(0, 2), causal=st.booleans(),
+       shared=st.booleans(), padded=st.booleans(), seed=st.integers(0, 100))
+def test_banded_groups_equal_the_engine_layout(N, c, R, before, after, causal, shared, padded,
+                                               seed):
+    """Groups run as bands of the gathered key window (views, the self pair on the own
+    chunk's diagonal plus other rounds' chunks) give the engine layout's outputs, lse and
+    gradients, in one group or many."""
+    import effattn.mechanisms.lsh as lsh_mod
+
+    q, k, v = rand_qkv(2, 2, N, N, 4, dtype=torch.float64, grad=True, seed=seed)
+    pm = random_padding(2, N, seed=seed) if padded else None
+    go = torch.randn(2, 2, N, 4, dtype=torch.float64)
+
+    def run():
+        out, lse = lsh(q, None if shared else k, v, causal=causal, padding_mask=pm,
+                       return_lse=True, n_hashes=R, chunk_len=c, n_chunks_before=before,
+                       n_chunks_after=after, seed=seed)
+        grads = torch.autograd.grad((out * go).sum() + lse.clamp(min=-1e3).sum(), (q, k, v),
+                                    allow_unused=True)
+        return out, lse, grads
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lsh_mod._Sorted, "banded", property(lambda self: False))
+        ref = run()
+    for group_bytes in (lsh_mod.GROUP_GATHER_BYTES, 1):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(lsh_mod, "GROUP_GATHER_BYTES", group_bytes)
+            got = run()
+        torch.testing.assert_close(got[0], ref[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(got[1], ref[1], atol=1e-10, rtol=1e-10)
+        for a, b in zip(got[2], ref[2]):
+            if b is None:
+                assert a is None or not a.abs().any()
+            else:
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

@@ -289,6 +289,26 @@ def _forward(p: _Plan, q, k, v):
     return out, lse
 
 
+def tile_gradients(pr, qt, kt, vt, dot, dt):
+    """Gradients of one score tile (FlashAttention-2 backward).
+
+    Args:
+        pr: ``[.., r, L]`` probabilities ``exp(S - lse)`` (statistics dtype; overwritten).
+        qt: ``[.., r, D]`` scaled queries; kt: ``[.., L, D]``; vt: ``[.., L, Dv]`` (matmul dtype).
+        dot: ``[.., r, Dv]`` output gradient (matmul dtype); dt: ``[.., r, 1]``
+            ``rowsum(dO * O) - dlse`` (statistics dtype).
+
+    Returns:
+        ``(dq [.., r, D]`` statistics dtype, still to be multiplied by the scale,
+        ``dk [.., L, D]``, ``dv [.., L, Dv])``.
+    """
+    mdt, cdt = dot.dtype, pr.dtype
+    dvt = torch.matmul(pr.to(mdt).transpose(-1, -2), dot)
+    ds = torch.matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
+    ds_m = ds.to(mdt)
+    return torch.matmul(ds_m, kt).to(cdt), torch.matmul(ds_m.transpose(-1, -2), qt), dvt
+
+
 def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
     """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``.
 
@@ -316,12 +336,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v)
             pr = _tile_scores(p, t, qt, kt).sub_(lt).exp_()  # P, recomputed: [.., r, L]
-            dvt = torch.matmul(pr.to(mdt).transpose(-1, -2), dot)
-            ds = torch.matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
-            ds_m = ds.to(mdt)
-            part = torch.matmul(ds_m, kt).to(cdt)
+            part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt)
             dqt = part if dqt is None else dqt.add_(part)
-            dkt = torch.matmul(ds_m.transpose(-1, -2), qt)
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt
                 dv[:, :, t.keys] += dvt

@@ -14,10 +14,13 @@ The steps, each a small public function (the seed lab's worked examples exercise
    chunks of ``chunk_len``; each chunk attends to itself plus ``n_chunks_before`` previous
    and ``n_chunks_after`` next chunks, *cyclically over the whole concatenated sorted
    sequence* (Trax's ``look_adjacent``: the first chunk of round ``r`` sees the last chunk
-   of round ``r - 1``, the first chunk of round 0 the last chunk of the last round).  This
-   runs through the block-sparse engine with the original positions of the sorted rows as
-   ``q_pos``/``k_pos``, so causal, padding and shared-QK self-exclusion are masked by
-   original position.  When there are fewer chunks than window slots, a chunk that
+   of round ``r - 1``, the first chunk of round 0 the last chunk of the last round).  A
+   group of query chunks gathers its key window once; chunk ``j``'s keys are window rows
+   ``j*c .. (j+S)*c`` — an overlapping strided view, no per-chunk copy — and causal,
+   padding and shared-QK self-exclusion are masked by the original positions of the
+   sorted rows (the self pair sits on the own chunk's diagonal, and elsewhere only in a
+   chunk of another round, the only ones checked).  When there are fewer chunks than
+   window slots, the group runs through the block-sparse engine instead: a chunk that
    would fill several slots is listed once (the other slots are ``-1``): a chunk's keys
    are never counted twice.  (Trax repeats it; with one chunk per round both give the
    same output, ours also the exact log-sum-exp.)  A *token* can still appear twice in
@@ -68,9 +71,11 @@ import torch.nn.functional as F
 
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length
+from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
-    BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward)
-from effattn.softmax import merge_partials, stat_dtype
+    BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
+    tile_gradients)
+from effattn.softmax import merge_partials, safe_lse, softmax_lse_, stat_dtype
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
 DEFAULT_SEED = 0
@@ -321,6 +326,37 @@ class _Sorted:
     k_valid: Optional[torch.Tensor]  # [B|1, 1|H, seqlen] bool or None
     group: int  # chunks per gathered group
 
+    @property
+    def n_slots(self) -> int:
+        """Chunks in one query chunk's window (``1 + before + after``)."""
+        return 1 + self.n_chunks_before + self.n_chunks_after
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_rounds * self.seqlen // self.chunk_len
+
+    @property
+    def banded(self) -> bool:
+        """Whether groups run as bands of the gathered key window (every window chunk
+        distinct); else (fewer chunks than window slots) through the engine's layout, which
+        lists a repeated chunk once."""
+        return self.n_chunks >= self.n_slots
+
+    def cross_round(self, first: int, count: int):
+        """``(j, t)`` pairs where band slot ``t`` of query chunk ``first + j`` holds a chunk
+        of another round: the only chunks besides its own that can hold a query's own token
+        (shared-QK), as a token appears once per round."""
+        cpr = self.seqlen // self.chunk_len
+        r, c0 = divmod(first, cpr)
+        for t in range(self.n_slots):
+            o = t - self.n_chunks_before
+            if o == 0:
+                continue
+            js = range(0, min(count, -o - c0)) if o < 0 else range(max(0, cpr - o - c0), count)
+            for j in js:
+                if ((first + j + o) % self.n_chunks) // cpr != r:
+                    yield j, t
+
     def groups(self):
         """``(round, first chunk, chunk count)`` of every group; a group never spans two
         rounds, so each token appears at most once in it."""
@@ -350,6 +386,98 @@ class _Sorted:
                     k_pos=k_pos, k_valid=kv)
 
 
+def _band(x: torch.Tensor, count: int, S: int, C: int) -> torch.Tensor:
+    """Overlapping view of window rows, no copy: ``x [.., .., (count + S - 1) * C, *F]``
+    (rows along dim 2) -> ``[.., .., count, S * C, *F]`` whose entry ``j`` is window rows
+    ``j * C .. (j + S) * C - 1`` — query chunk ``j``'s ``S`` key chunks."""
+    size, stride = list(x.shape), list(x.stride())
+    size[2:3] = [count, S * C]
+    stride[2:3] = [C * stride[2], stride[2]]
+    return x.as_strided(size, stride, x.storage_offset())
+
+
+def _unband(t: torch.Tensor, S: int, C: int) -> torch.Tensor:
+    """Adjoint of :func:`_band`: ``t [B, H, count, S * C, F]`` summed back onto window
+    rows ``[B, H, (count + S - 1) * C, F]``."""
+    B, H, count, _, Fx = t.shape
+    w = torch.zeros(B, H, (count + S - 1) * C, Fx, dtype=t.dtype, device=t.device)
+    for s in range(S):  # for a fixed slot the chunks' rows do not overlap: one strided add
+        w[:, :, s * C:(s + count) * C].view(B, H, count, C, Fx).add_(t[..., s * C:(s + 1) * C, :])
+    return w
+
+
+def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv):
+    """Masked scores ``[B, H, count, C, S*C]`` (statistics dtype) of query chunks
+    ``first ..`` (``qg [B, H, count*C, D]``, already scaled) against their bands of the
+    gathered key window ``kw [B, H, W*C, D]`` (positions ``q_pos``, ``k_pos``, validity
+    ``kv`` as :meth:`_Sorted.layout` returns them)."""
+    B, H, _, D = qg.shape
+    C, S = g.chunk_len, g.n_slots
+    s = torch.matmul(qg.view(B, H, count, C, D), _band(kw, count, S, C).transpose(-1, -2))
+    s = s.to(stat_dtype(s.dtype))
+    qp = q_pos.view(*q_pos.shape[:2], count, C, 1)
+    kp = _band(k_pos, count, S, C)[..., None, :]  # [.., count, 1, S*C]
+    if g.exclude_self and g.k_pos is g.q_pos:
+        # one sort for queries and keys: a query meets its own key on the diagonal of its
+        # own chunk, and again only in a chunk of another round
+        own = s[..., g.n_chunks_before * C:(g.n_chunks_before + 1) * C]
+        own.diagonal(dim1=-2, dim2=-1).sub_(SELF_PENALTY)
+        for j, t in g.cross_round(first, count):
+            cols = slice(t * C, (t + 1) * C)
+            s[:, :, j, :, cols].sub_(self_pairs(qp[:, :, j], kp[:, :, j, :, cols], s.dtype),
+                                     alpha=SELF_PENALTY)
+    elif g.exclude_self:
+        s.sub_(self_pairs(qp, kp, s.dtype), alpha=SELF_PENALTY)
+    if g.causal or kv is not None:
+        apply_masks(s, qp, kp, causal=g.causal, exclude_self=False, inplace=True,
+                    k_valid=None if kv is None else _band(kv, count, S, C)[..., None, :])
+    return s
+
+
+def _group_forward(g: _Sorted, q, k, v, first: int, count: int):
+    """One group of sorted chunks forward: ``(q_pos [B|1, H|1, count*C], out
+    [B, H, count*C, Dv], lse [B, H, count*C])`` of its query rows."""
+    q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+    if not g.banded:
+        og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
+                                      _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
+        return q_pos, og, lg
+    B, H = q.shape[:2]
+    vw = _take_rows(v, k_pos)
+    probs, lg = softmax_lse_(_band_scores(g, first, count, _take_rows(q, q_pos).mul_(g.scale),
+                                          _take_rows(k, k_pos), q_pos, k_pos, kv))
+    og = torch.matmul(probs.to(vw.dtype), _band(vw, count, g.n_slots, g.chunk_len))
+    return q_pos, og.view(B, H, count * g.chunk_len, -1), lg.view(B, H, -1)
+
+
+def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: int, count: int):
+    """One group's share of the gradients: ``(q_pos, dq rows [B, H, count*C, D], k_pos,
+    dk rows [B, H, W*C, D], dv rows [B, H, W*C, Dv])`` (statistics dtype) to add at the
+    query rows / key window rows.  ``lse_s``: merged lse with empty rows at 0
+    (:func:`safe_lse`); ``delta``: ``rowsum(dout * out) - dlse`` ``[B, H, seqlen]``."""
+    q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+    B, H = q.shape[:2]
+    rows = q_pos.expand(B, H, q_pos.shape[-1])
+    if not g.banded:
+        dlg = None if dlse is None else torch.gather(dlse, 2, rows)
+        gq, gk, gv = block_sparse_backward(
+            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
+            _take_rows(out, q_pos), torch.gather(lse_s, 2, rows), _take_rows(dout, q_pos), dlg,
+            blocks, **g.engine_args(q_pos, k_pos, kv))
+        return q_pos, gq, k_pos, gk, gv
+    C, S = g.chunk_len, g.n_slots
+    qg = _take_rows(q, q_pos).mul_(g.scale)
+    kw, vw = _take_rows(k, k_pos), _take_rows(v, k_pos)
+    pr = _band_scores(g, first, count, qg, kw, q_pos, k_pos, kv)
+    pr = pr.sub_(torch.gather(lse_s, 2, rows).view(B, H, count, C, 1)).exp_()
+    dot = _take_rows(dout, q_pos).to(vw.dtype).view(B, H, count, C, -1)
+    dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1), _band(kw, count, S, C),
+                                  _band(vw, count, S, C), dot,
+                                  torch.gather(delta, 2, rows).view(B, H, count, C, 1))
+    return (q_pos, dq.mul_(g.scale).view(B, H, count * C, -1), k_pos,
+            _unband(dkt.to(dq.dtype), S, C), _unband(dvt.to(dq.dtype), S, C))
+
+
 def _flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
     """Positions ``[B|1, H|1, L]`` -> flat row indices into a ``[B*H*n, ·]`` view."""
     base = (torch.arange(B * H, device=pos.device) * n).view(B, H, 1)
@@ -357,7 +485,7 @@ def _flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
 
 
 def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
-    """Every group of sorted chunks through the engine, merged per token on the fly.
+    """Every group of sorted chunks (:func:`_group_forward`), merged per token on the fly.
 
     ``q, k [B, H, seqlen, D]``, ``v [B, H, seqlen, Dv]`` (compute dtype, original order).
     Returns ``(out [B, H, seqlen, Dv], lse [B, H, seqlen], rounds)``: the merged result and
@@ -376,9 +504,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
             lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
             out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
             rounds.append((out, lse))
-        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
-        og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
-                                      _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
+        q_pos, og, lg = _group_forward(g, q, k, v, first, count)
         rows = _flat_rows(q_pos, B, H, n)
         og, lg = og.reshape(-1, Dv), lg.reshape(-1)
         if r > 0 and not keep_rounds:  # fold into the rounds merged so far
@@ -394,8 +520,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
 
 def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     """Gradients of :func:`_stream_forward`'s merged ``(out, lse)``: each group's share
-    through :func:`block_sparse_backward` with the merged statistics, scattered back to
-    token order.  Recomputes every sorted copy; nothing of the forward is kept but
+    (:func:`_group_backward`) with the merged statistics, scattered back to token order.  Recomputes every sorted copy; nothing of the forward is kept but
     ``q, k, v, out, lse``."""
     B, H, n, D = q.shape
     Dv = v.shape[-1]
@@ -403,14 +528,13 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     cdt = stat_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(t.shape, dtype=cdt, device=t.device) for t in (q, k, v))
     dq_f, dk_f, dv_f = dq.view(-1, D), dk.view(-1, D), dv.view(-1, Dv)
+    lse_s = safe_lse(lse.to(cdt))
+    delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)
     for _, first, count in g.groups():
-        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
-        lg = torch.gather(lse, 2, q_pos.expand(B, H, q_pos.shape[-1]))
-        dlg = None if dlse is None else torch.gather(dlse, 2, q_pos.expand(B, H, q_pos.shape[-1]))
-        gq, gk, gv = block_sparse_backward(
-            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
-            _take_rows(out, q_pos), lg, _take_rows(dout, q_pos), dlg, blocks,
-            **g.engine_args(q_pos, k_pos, kv))
+        q_pos, gq, k_pos, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
+                                                   first, count)
         dq_f.index_add_(0, _flat_rows(q_pos, B, H, n), gq.reshape(-1, D).to(cdt))
         krows = _flat_rows(k_pos, B, H, n)
         dk_f.index_add_(0, krows, gk.reshape(-1, D).to(cdt))
@@ -425,9 +549,9 @@ def sorted_chunk_attention(q, k, v, q_buckets, k_buckets=None, *, seqlen: int, c
     """LSH chunked attention over the sorted rounds, merged over rounds.
 
     The sorted sequence is processed in groups of chunks sized by
-    :data:`GROUP_GATHER_BYTES` (each group gathers its query rows and key window, runs
-    the block-sparse engine and folds its rows into the per-token result with the
-    log-sum-exp merge), and the backward recomputes group by group: memory is
+    :data:`GROUP_GATHER_BYTES` (each group gathers its query rows and key window, attends
+    each chunk to its band of the window (:func:`_group_forward`) and folds its rows into
+    the per-token result with the log-sum-exp merge), and the backward recomputes group by group: memory is
     ``O(N·D)`` plus one group, forward and backward.
 
     Args:
