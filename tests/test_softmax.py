@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.softmax import merge_partials
+from effattn.softmax import merge_pair_, merge_partials
 
 
 @given(parts=st.integers(1, 4), n=st.integers(1, 6), seed=st.integers(0, 2**16))
@@ -36,3 +36,22 @@ def test_rows_empty_in_every_part_merge_to_zero_with_finite_gradients():
     assert torch.isfinite(outs.grad).all() and torch.isfinite(lses.grad).all()
     assert torch.equal(lses.grad[:, 1], torch.zeros(3, dtype=torch.float64))
     assert lses.grad[1, 2] == 0
+
+
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 4)), seed=st.integers(0, 1000),
+       empty=st.floats(0, 1))
+def test_merge_pair_in_place_equals_merge_partials(shape, seed, empty):
+    """The in-place two-part merge gives merge_partials' result, empty parts included
+    (rows empty in both stay 0 / -inf, no NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    outs = torch.randn(2, *shape, 3, generator=g, dtype=torch.float64)
+    lses = torch.randn(2, *shape, generator=g, dtype=torch.float64) * 20
+    gone = torch.rand(2, *shape, generator=g) < empty
+    lses[gone] = float("-inf")
+    outs[gone] = 0.0
+    ref_o, ref_l = merge_partials(outs, lses)
+    a_o, a_l = outs[0].clone(), lses[0].clone()
+    got_o, got_l = merge_pair_(a_o, a_l, outs[1], lses[1])
+    assert got_o is a_o and got_l is a_l
+    torch.testing.assert_close(got_o, ref_o, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_l, ref_l, atol=1e-12, rtol=1e-12)

@@ -95,3 +95,15 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0):
         total = total.masked_fill(empty, float("-inf"))
     out = (outs * w.unsqueeze(-1).to(outs.dtype)).sum(d)
     return out, total.squeeze(d)
+
+
+def merge_pair_(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Two-part :func:`merge_partials` in place, for no-grad streaming: ``out_a [..., Dv]``
+    and ``lse_a [...]`` become the merge of parts a and b (``out_b``, ``lse_b`` alike) and
+    are returned.  One ``lerp`` pass over the outputs with weight
+    ``exp(lse_b) / (exp(lse_a) + exp(lse_b)) = sigmoid(lse_b - lse_a)`` instead of stacking
+    both parts; rows empty in both stay 0 and ``-inf``.  Not differentiable."""
+    w = torch.sigmoid(lse_b - lse_a).nan_to_num_(nan=0.0)  # nan only where both are -inf
+    out_a.lerp_(out_b, w[..., None].to(out_a.dtype))
+    torch.logaddexp(lse_a, lse_b, out=lse_a)
+    return out_a, lse_a

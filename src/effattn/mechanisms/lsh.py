@@ -75,7 +75,7 @@ from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
     tile_gradients)
-from effattn.softmax import merge_partials, safe_lse, softmax_lse_, stat_dtype
+from effattn.softmax import merge_pair_, merge_partials, safe_lse, softmax_lse_, stat_dtype
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
 DEFAULT_SEED = 0
@@ -413,7 +413,9 @@ def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv):
     ``kv`` as :meth:`_Sorted.layout` returns them)."""
     B, H, _, D = qg.shape
     C, S = g.chunk_len, g.n_slots
-    s = torch.matmul(qg.view(B, H, count, C, D), _band(kw, count, S, C).transpose(-1, -2))
+    # the band copied once (rows in order, a fast copy) then used transposed: ~20 % faster
+    # than letting matmul copy the transposed overlapping view
+    s = torch.matmul(qg.view(B, H, count, C, D), _band(kw, count, S, C).contiguous().transpose(-1, -2))
     s = s.to(stat_dtype(s.dtype))
     qp = q_pos.view(*q_pos.shape[:2], count, C, 1)
     kp = _band(k_pos, count, S, C)[..., None, :]  # [.., count, 1, S*C]
@@ -446,7 +448,7 @@ def _group_forward(g: _Sorted, q, k, v, first: int, count: int):
     vw = _take_rows(v, k_pos)
     probs, lg = softmax_lse_(_band_scores(g, first, count, _take_rows(q, q_pos).mul_(g.scale),
                                           _take_rows(k, k_pos), q_pos, k_pos, kv))
-    og = torch.matmul(probs.to(vw.dtype), _band(vw, count, g.n_slots, g.chunk_len))
+    og = torch.matmul(probs.to(vw.dtype), _band(vw, count, g.n_slots, g.chunk_len).contiguous())
     return q_pos, og.view(B, H, count * g.chunk_len, -1), lg.view(B, H, -1)
 
 
@@ -471,8 +473,9 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
     pr = _band_scores(g, first, count, qg, kw, q_pos, k_pos, kv)
     pr = pr.sub_(torch.gather(lse_s, 2, rows).view(B, H, count, C, 1)).exp_()
     dot = _take_rows(dout, q_pos).to(vw.dtype).view(B, H, count, C, -1)
-    dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1), _band(kw, count, S, C),
-                                  _band(vw, count, S, C), dot,
+    dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1),
+                                  _band(kw, count, S, C).contiguous(),
+                                  _band(vw, count, S, C).contiguous(), dot,
                                   torch.gather(delta, 2, rows).view(B, H, count, C, 1))
     return (q_pos, dq.mul_(g.scale).view(B, H, count * C, -1), k_pos,
             _unband(dkt.to(dq.dtype), S, C), _unband(dvt.to(dq.dtype), S, C))
@@ -508,8 +511,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
         rows = _flat_rows(q_pos, B, H, n)
         og, lg = og.reshape(-1, Dv), lg.reshape(-1)
         if r > 0 and not keep_rounds:  # fold into the rounds merged so far
-            og, lg = merge_partials(torch.stack([out_f.index_select(0, rows), og]),
-                                    torch.stack([lse_f.index_select(0, rows), lg]))
+            og, lg = merge_pair_(out_f.index_select(0, rows), lse_f.index_select(0, rows), og, lg)
         out_f.index_copy_(0, rows, og)
         lse_f.index_copy_(0, rows, lg)
     if keep_rounds:
