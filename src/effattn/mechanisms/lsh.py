@@ -299,14 +299,47 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
     return global_ids, torch.where(dup, torch.full_like(local, -1), local)
 
 
-def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]``."""
+def _take_rows(x: torch.Tensor, idx: torch.Tensor, ws: Optional["_Workspace"] = None,
+               name: str = "") -> torch.Tensor:
+    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]`` (into the
+    workspace buffer ``name`` when ``ws`` is given)."""
     B, H, N, Fx = x.shape
     L = idx.shape[-1]
     base = (torch.arange(B * H, device=x.device) * N).view(B, H, 1)
     flat = (idx.expand(B, H, L) + base).reshape(-1)
     # index_select is several times faster than gather with an expanded index
-    return x.reshape(B * H * N, Fx).index_select(0, flat).view(B, H, L, Fx)
+    src = x.reshape(B * H * N, Fx)
+    if ws is None:
+        return src.index_select(0, flat).view(B, H, L, Fx)
+    out = ws.get(name, (B, H, L, Fx), x)
+    torch.index_select(src, 0, flat, out=out.view(B * H * L, Fx))
+    return out
+
+
+class _Workspace:
+    """Buffers one call's groups share: a fresh multi-MB tensor per group is page-faulted
+    in every time (measured: most of the copy and gather time at N = 2,048)."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor ``shape`` with ``like``'s dtype and device, the same
+        storage as the last request of ``name`` when shape, dtype and device agree."""
+        b = self._bufs.get(name)
+        if b is None or b.shape != torch.Size(shape) or b.dtype != like.dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return b
+
+
+def _heads_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [B, H, n, x, z] = a [B, H, n, x, y] @ b [B, H, n, y, z]``, one ``bmm`` per
+    (batch, head): ``b`` may be an overlapping band view (:func:`_band`), which ``bmm``
+    reads in place where ``matmul`` would first copy it."""
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            torch.bmm(a[i, j], b[i, j], out=out[i, j])
+    return out
 
 
 @dataclasses.dataclass
@@ -406,16 +439,15 @@ def _unband(t: torch.Tensor, S: int, C: int) -> torch.Tensor:
     return w
 
 
-def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv):
+def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv, ws: _Workspace):
     """Masked scores ``[B, H, count, C, S*C]`` (statistics dtype) of query chunks
     ``first ..`` (``qg [B, H, count*C, D]``, already scaled) against their bands of the
     gathered key window ``kw [B, H, W*C, D]`` (positions ``q_pos``, ``k_pos``, validity
     ``kv`` as :meth:`_Sorted.layout` returns them)."""
     B, H, _, D = qg.shape
     C, S = g.chunk_len, g.n_slots
-    # the band copied once (rows in order, a fast copy) then used transposed: ~20 % faster
-    # than letting matmul copy the transposed overlapping view
-    s = torch.matmul(qg.view(B, H, count, C, D), _band(kw, count, S, C).contiguous().transpose(-1, -2))
+    s = _heads_bmm(qg.view(B, H, count, C, D), _band(kw, count, S, C).transpose(-1, -2),
+                   ws.get("scores", (B, H, count, C, S * C), qg))
     s = s.to(stat_dtype(s.dtype))
     qp = q_pos.view(*q_pos.shape[:2], count, C, 1)
     kp = _band(k_pos, count, S, C)[..., None, :]  # [.., count, 1, S*C]
@@ -436,23 +468,28 @@ def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv):
     return s
 
 
-def _group_forward(g: _Sorted, q, k, v, first: int, count: int):
+def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: _Workspace):
     """One group of sorted chunks forward: ``(q_pos [B|1, H|1, count*C], out
-    [B, H, count*C, Dv], lse [B, H, count*C])`` of its query rows."""
+    [B, H, count*C, Dv], lse [B, H, count*C])`` of its query rows (``out`` lives in the
+    workspace until the next group)."""
     q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
     if not g.banded:
         og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
                                       _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
         return q_pos, og, lg
     B, H = q.shape[:2]
-    vw = _take_rows(v, k_pos)
-    probs, lg = softmax_lse_(_band_scores(g, first, count, _take_rows(q, q_pos).mul_(g.scale),
-                                          _take_rows(k, k_pos), q_pos, k_pos, kv))
-    og = torch.matmul(probs.to(vw.dtype), _band(vw, count, g.n_slots, g.chunk_len).contiguous())
-    return q_pos, og.view(B, H, count * g.chunk_len, -1), lg.view(B, H, -1)
+    C = g.chunk_len
+    qg = _take_rows(q, q_pos, ws, "q").mul_(g.scale)
+    vw = _take_rows(v, k_pos, ws, "v")
+    probs, lg = softmax_lse_(_band_scores(g, first, count, qg, _take_rows(k, k_pos, ws, "k"),
+                                          q_pos, k_pos, kv, ws))
+    og = _heads_bmm(probs.to(vw.dtype), _band(vw, count, g.n_slots, C),
+                    ws.get("out", (B, H, count, C, vw.shape[-1]), probs))
+    return q_pos, og.view(B, H, count * C, -1), lg.view(B, H, -1)
 
 
-def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: int, count: int):
+def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: int, count: int,
+                    ws: _Workspace):
     """One group's share of the gradients: ``(q_pos, dq rows [B, H, count*C, D], k_pos,
     dk rows [B, H, W*C, D], dv rows [B, H, W*C, Dv])`` (statistics dtype) to add at the
     query rows / key window rows.  ``lse_s``: merged lse with empty rows at 0
@@ -468,14 +505,14 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
             blocks, **g.engine_args(q_pos, k_pos, kv))
         return q_pos, gq, k_pos, gk, gv
     C, S = g.chunk_len, g.n_slots
-    qg = _take_rows(q, q_pos).mul_(g.scale)
-    kw, vw = _take_rows(k, k_pos), _take_rows(v, k_pos)
-    pr = _band_scores(g, first, count, qg, kw, q_pos, k_pos, kv)
+    qg = _take_rows(q, q_pos, ws, "q").mul_(g.scale)
+    kw, vw = _take_rows(k, k_pos, ws, "k"), _take_rows(v, k_pos, ws, "v")
+    pr = _band_scores(g, first, count, qg, kw, q_pos, k_pos, kv, ws)
     pr = pr.sub_(torch.gather(lse_s, 2, rows).view(B, H, count, C, 1)).exp_()
-    dot = _take_rows(dout, q_pos).to(vw.dtype).view(B, H, count, C, -1)
-    dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1),
-                                  _band(kw, count, S, C).contiguous(),
-                                  _band(vw, count, S, C).contiguous(), dot,
+    dot = _take_rows(dout, q_pos, ws, "dout").to(vw.dtype).view(B, H, count, C, -1)
+    kt, vt = (ws.get(n, (B, H, count, S * C, x.shape[-1]), x).copy_(_band(x, count, S, C))
+              for n, x in (("kband", kw), ("vband", vw)))
+    dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1), kt, vt, dot,
                                   torch.gather(delta, 2, rows).view(B, H, count, C, 1))
     return (q_pos, dq.mul_(g.scale).view(B, H, count * C, -1), k_pos,
             _unband(dkt.to(dq.dtype), S, C), _unband(dvt.to(dq.dtype), S, C))
@@ -501,13 +538,14 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
     out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
     rounds = []
+    ws = _Workspace()
     for r, first, count in g.groups():
         if keep_rounds and first == r * (g.seqlen // g.chunk_len):
             out = torch.empty(B, H, n, Dv, dtype=cdt, device=v.device)
             lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
             out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
             rounds.append((out, lse))
-        q_pos, og, lg = _group_forward(g, q, k, v, first, count)
+        q_pos, og, lg = _group_forward(g, q, k, v, first, count, ws)
         rows = _flat_rows(q_pos, B, H, n)
         og, lg = og.reshape(-1, Dv), lg.reshape(-1)
         if r > 0 and not keep_rounds:  # fold into the rounds merged so far
@@ -534,9 +572,10 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cdt)
+    ws = _Workspace()
     for _, first, count in g.groups():
         q_pos, gq, k_pos, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
-                                                   first, count)
+                                                   first, count, ws)
         dq_f.index_add_(0, _flat_rows(q_pos, B, H, n), gq.reshape(-1, D).to(cdt))
         krows = _flat_rows(k_pos, B, H, n)
         dk_f.index_add_(0, krows, gk.reshape(-1, D).to(cdt))
