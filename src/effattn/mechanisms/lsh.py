@@ -549,7 +549,8 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
         rows = _flat_rows(q_pos, B, H, n)
         og, lg = og.reshape(-1, Dv), lg.reshape(-1)
         if r > 0 and not keep_rounds:  # fold into the rounds merged so far
-            og, lg = merge_pair_(out_f.index_select(0, rows), lse_f.index_select(0, rows), og, lg)
+            prev = torch.index_select(out_f, 0, rows, out=ws.get("merged", og.shape, og))
+            og, lg = merge_pair_(prev, lse_f.index_select(0, rows), og, lg)
         out_f.index_copy_(0, rows, og)
         lse_f.index_copy_(0, rows, lg)
     if keep_rounds:
