@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.softmax import merge_pair_, merge_partials
+from effattn.softmax import merge_pair_, merge_partials, softmax_lse_
 
 
 @given(parts=st.integers(1, 4), n=st.integers(1, 6), seed=st.integers(0, 2**16))
@@ -55,3 +55,20 @@ def test_merge_pair_in_place_equals_merge_partials(shape, seed, empty):
     assert got_o is a_o and got_l is a_l
     torch.testing.assert_close(got_o, ref_o, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got_l, ref_l, atol=1e-12, rtol=1e-12)
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 7), seed=st.integers(0, 1000),
+       masked=st.floats(0, 1), big=st.sampled_from([1.0, 1e4]))
+def test_in_place_softmax_equals_torch_softmax_and_logsumexp(rows, cols, seed, masked, big):
+    """softmax_lse_ (the tiles' softmax) is torch.softmax and torch.logsumexp on every
+    row, including large scores and rows with some or all keys masked (-inf): a fully
+    masked row gives probabilities 0 and lse -inf, never NaN."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, cols, generator=g, dtype=torch.float64) * big
+    s[torch.rand(rows, cols, generator=g) < masked] = float("-inf")
+    probs, lse = softmax_lse_(s.clone())
+    ref_l = torch.logsumexp(s, -1)
+    ref_p = torch.softmax(s, -1).nan_to_num(nan=0.0)  # torch: NaN on fully masked rows
+    torch.testing.assert_close(probs, ref_p, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, ref_l, atol=1e-9, rtol=1e-12)
+    assert not probs.isnan().any() and not lse.isnan().any()

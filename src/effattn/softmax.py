@@ -34,13 +34,12 @@ def softmax_lse_(scores: torch.Tensor):
     ``exp(scores - lse)`` — i.e. the probabilities — and ``lse [...]`` is returned with it.
     Fully masked rows give zeros and ``-inf``.
     """
-    m = scores.amax(-1, keepdim=True)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    # few passes and ops: this runs once per tile group, where dispatch costs show
+    m = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # fully masked rows: 0
     probs = scores.sub_(m).exp_()
-    total = probs.sum(-1, keepdim=True)
-    empty = total == 0
-    probs.div_(torch.where(empty, torch.ones_like(total), total))
-    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(total))
+    total = probs.sum(-1, keepdim=True)  # >= 1 unless the row is fully masked (0)
+    lse = torch.log(total).add_(m)  # log 0 = -inf on fully masked rows
+    probs.div_(total.clamp_min_(1.0))
     return probs, lse.squeeze(-1)
 
 

@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -317,19 +318,52 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor, ws: Optional["_Workspace"] = 
 
 
 class _Workspace:
-    """Buffers one call's groups share: a fresh multi-MB tensor per group is page-faulted
-    in every time (measured: most of the copy and gather time at N = 2,048)."""
+    """Named scratch buffers for the sorted copies, scores and outputs of LSH groups.
+
+    One per thread (:func:`_workspace`), kept between calls: a fresh multi-MB tensor is
+    page-faulted in every time it is allocated (measured on the 2-core VM: ~1.5 us a 4 KB
+    page, most of the copy and gather time at N = 2,048).  Its size is bounded by one
+    group's buffers (:data:`GROUP_GATHER_BYTES` of sorted copies plus its scores);
+    :func:`release_workspace` frees it.  Nothing handed out escapes a call: groups copy
+    their results into the call's own tensors."""
 
     def __init__(self):
         self._bufs = {}
 
     def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized tensor ``shape`` with ``like``'s dtype and device, the same
-        storage as the last request of ``name`` when shape, dtype and device agree."""
-        b = self._bufs.get(name)
-        if b is None or b.shape != torch.Size(shape) or b.dtype != like.dtype or b.device != like.device:
-            b = self._bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return b
+        """An uninitialized contiguous tensor ``shape`` with ``like``'s dtype and device,
+        carved from the buffer ``name`` (grown when too small): the same memory as the
+        last request of ``name``."""
+        n = math.prod(shape)
+        key = (name, like.dtype, like.device)
+        b = self._bufs.get(key)
+        if b is None or b.numel() < n:
+            self._bufs.pop(key, None)  # free the old one before allocating its successor
+            b = self._bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return b[:n].view(shape)
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+_THREAD_STATE = threading.local()
+
+
+def _workspace() -> _Workspace:
+    """This thread's :class:`_Workspace` (created on first use)."""
+    ws = getattr(_THREAD_STATE, "workspace", None)
+    if ws is None:
+        ws = _THREAD_STATE.workspace = _Workspace()
+    return ws
+
+
+def release_workspace() -> int:
+    """Free the calling thread's LSH scratch buffers (kept between calls, about one group's
+    worth: tens of MB); returns the bytes released.  The next call allocates them again."""
+    ws = getattr(_THREAD_STATE, "workspace", None)
+    _THREAD_STATE.workspace = None
+    return 0 if ws is None else ws.nbytes()
 
 
 def _heads_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -538,7 +572,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
     out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
     rounds = []
-    ws = _Workspace()
+    ws = _workspace()
     for r, first, count in g.groups():
         if keep_rounds and first == r * (g.seqlen // g.chunk_len):
             out = torch.empty(B, H, n, Dv, dtype=cdt, device=v.device)
@@ -573,7 +607,7 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cdt)
-    ws = _Workspace()
+    ws = _workspace()
     for _, first, count in g.groups():
         q_pos, gq, k_pos, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
                                                    first, count, ws)
