@@ -338,6 +338,8 @@ def test_concat_argmax_equals_argmax_of_the_concatenation(h, lo, hi, seed):
     x = torch.randint(lo, hi, (3, 5, h), generator=g).float()
     x[0, 0] = 0.0  # all equal
     assert torch.equal(concat_argmax(x), torch.cat([x, -x], -1).argmax(-1))
+    xt = x.transpose(1, 2).contiguous()  # reduced along a middle dim, as hash_vectors does
+    assert torch.equal(concat_argmax(xt, dim=1), torch.cat([xt, -xt], 1).argmax(1))
     y = torch.randn(4, h, generator=g)
     assert torch.equal(concat_argmax(y), torch.cat([y, -y], -1).argmax(-1))
 

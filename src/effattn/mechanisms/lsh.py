@@ -84,6 +84,9 @@ DEFAULT_SEED = 0
 DEFAULT_N_HASHES = 2
 #: rotated-vector elements computed at once by :func:`hash_vectors` (memory bound)
 HASH_SLICE_ELEMENTS = 1 << 22
+#: largest ``n_buckets // 2`` hashed with the projections laid out tokens-last (see
+#: :func:`hash_vectors`)
+TOKENS_LAST_MAX_HALF = 128
 #: bytes of sorted copies (query rows, key window, outputs) one group of chunks gathers: small
 #: enough to stay in cache and be recycled by the allocator (a fresh N-sized copy per call
 #: is page-faulted in every time: measured as half of the forward time at N = 16,384)
@@ -194,12 +197,19 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
         raise ValueError(f"n_buckets: expected an even number equal to 2 * rotations.shape[-1] "
                          f"= {2 * rotations.shape[-1]}, got {n_buckets}")
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    per_head = rotations.dim() == 4
     rot = rotations.to(device=x.device, dtype=cdt)
     R, half = rot.shape[-2], rot.shape[-1]
     N = x.shape[-2]
     step = max(1, HASH_SLICE_ELEMENTS // max(1, math.prod(x.shape[:-2]) * R * half))
-    rot_m = rot.reshape(*rot.shape[:-3], rot.shape[-3], R * half)  # [(H,) D, R*half]
+    # small ``half``: projections laid out [.., R, half, n], so the reductions over a round's
+    # ``half`` entries run across contiguous rows of n tokens (vectorized) instead of along
+    # a short last dim (N = 2,048, half = 16: 2.7 ms instead of 4.7 for the whole hash;
+    # N = 16,384, half = 128: 96 vs 124 ms); large ``half``: [.., n, R, half] (at half =
+    # 1,024 the other layout took 1.5x longer)
+    tokens_last = half <= TOKENS_LAST_MAX_HALF
+    rot_m = rot.reshape(*rot.shape[:-3], rot.shape[-3], R * half)
+    if tokens_last:
+        rot_m = rot_m.transpose(-1, -2)  # [(H,) R*half, D]
     parts = []
     buf = abuf = None  # one projection buffer (and one for |xR|) for every full slice: a
     # fresh multi-MB tensor per slice is not always handed back to the OS by glibc when torch
@@ -207,17 +217,21 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     # threads, 75 MB with 1)
     for n0 in range(0, N, step):
         xs = x[..., n0:n0 + step, :].detach().to(cdt)  # buckets are not differentiable
-        shape = (*torch.broadcast_shapes(xs.shape[:-2], rot_m.shape[:-2]), xs.shape[-2], R * half)
-        if xs.shape[-2] == step:
+        n = xs.shape[-2]
+        lead = torch.broadcast_shapes(xs.shape[:-2], rot_m.shape[:-2])
+        shape = (*lead, R * half, n) if tokens_last else (*lead, n, R * half)
+        a, b = (rot_m, xs.transpose(-1, -2)) if tokens_last else (xs, rot_m)
+        if n == step:
             if buf is None:
                 buf, abuf = (torch.empty(shape, dtype=cdt, device=x.device) for _ in range(2))
-            rv = torch.matmul(xs, rot_m, out=buf)
-            scratch = abuf.view(*shape[:-1], R, half)
+            rv = torch.matmul(a, b, out=buf)
         else:
-            rv = torch.matmul(xs, rot_m)
-            scratch = None
-        rv = rv.view(*rv.shape[:-1], R, half)  # [..., n, R, half]
-        parts.append(concat_argmax(rv, scratch).transpose(-1, -2))  # [..., R, n]
+            rv = torch.matmul(a, b)
+        if tokens_last:
+            parts.append(concat_argmax(rv.view(*lead, R, half, n), dim=-2))  # [..., R, n]
+        else:
+            scratch = abuf.view(*lead, n, R, half) if n == step else None
+            parts.append(concat_argmax(rv.view(*lead, n, R, half), scratch=scratch).transpose(-1, -2))
     buckets = torch.cat(parts, -1)
     per_round = n_buckets
     if valid is not None:
@@ -227,25 +241,42 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     return (buckets + offsets).flatten(-2)
 
 
-def concat_argmax(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``argmax(concat[x, -x], -1)`` without building the concatenation: ``x [..., h]`` ->
-    long ``[...]`` in ``[0, 2h)``, the first maximum winning as ``argmax`` does (an entry
-    of the positive half beats an equal one of the negative half wherever they sit).
+def concat_argmax(x: torch.Tensor, dim: int = -1,
+                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``argmax(concat[x, -x], dim)`` without building the concatenation: ``x`` with ``h``
+    entries along ``dim`` -> long, ``dim`` removed, values in ``[0, 2h)``; the first
+    maximum wins as ``argmax`` does (an entry of the positive half beats an equal one of the
+    negative half wherever they sit).  ``scratch``: optional tensor like ``x`` receiving
+    ``|x|`` (last-dim case; no fresh allocation per call).
 
-    One index-returning pass over ``|x|`` (torch's index-returning reductions are ~20x
-    slower than ``amax`` on CPU; the two-pass max/min form took twice as long): its first
-    maximum is the answer unless it is negative while a positive entry reaches the same
-    magnitude, an exact tie resolved for those rows alone.  ``scratch``: optional tensor
-    like ``x`` that receives ``|x|`` (no fresh allocation per call)."""
-    half = x.shape[-1]
-    m, idx = (x.abs() if scratch is None else torch.abs(x, out=scratch)).max(-1)
-    neg = x.gather(-1, idx[..., None])[..., 0] < 0
-    out = idx + half * neg
-    tie = neg & (x.amax(-1) == m)
-    if bool(tie.any()):
-        rows = tie.nonzero(as_tuple=True)
-        out[rows] = (x[rows] == m[rows][..., None]).to(torch.uint8).argmax(-1)
-    return out
+    Along the last dim: one index-returning pass over ``|x|`` (the two-pass max/min form
+    took twice as long); its first maximum is the answer unless it is negative while a
+    positive entry reaches the same magnitude, an exact tie resolved for those rows alone.
+    Along another dim (rows of contiguous columns) no index-returning reduction, which is
+    5-20x slower than ``amax`` there: the winning value is ``max(x)`` unless ``-min(x)`` is
+    larger (then the negative half wins), and its first position is
+    ``h - amax((x == value) * [h, h-1, .., 1])``."""
+    h = x.shape[dim]
+    if dim in (-1, x.dim() - 1):
+        m, idx = (x.abs() if scratch is None else torch.abs(x, out=scratch)).max(-1)
+        neg = x.gather(-1, idx[..., None])[..., 0] < 0
+        out = idx + h * neg
+        tie = neg & (x.amax(-1) == m)
+        if bool(tie.any()):
+            rows = tie.nonzero(as_tuple=True)
+            out[rows] = (x[rows] == m[rows][..., None]).to(torch.uint8).argmax(-1)
+        return out
+    pos = x.amax(dim, keepdim=True)
+    mn = x.amin(dim, keepdim=True)
+    neg = pos < -mn
+    value = torch.where(neg, mn, pos)
+    shape = [1] * x.dim()
+    shape[dim] = h
+    w = torch.arange(h, 0, -1, dtype=torch.int16 if h < (1 << 15) else torch.int32,
+                     device=x.device).view(shape)
+    first = h - (x == value).mul(w).amax(dim).long()
+    # NaN columns match nowhere (first = h): kept in range, as argmax stays in range
+    return first.clamp_(max=h - 1) + h * neg.squeeze(dim)
 
 
 def bucket_sort_keys(buckets: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -300,21 +331,11 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
     return global_ids, torch.where(dup, torch.full_like(local, -1), local)
 
 
-def _take_rows(x: torch.Tensor, idx: torch.Tensor, ws: Optional["_Workspace"] = None,
-               name: str = "") -> torch.Tensor:
-    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]`` (into the
-    workspace buffer ``name`` when ``ws`` is given)."""
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]``."""
     B, H, N, Fx = x.shape
-    L = idx.shape[-1]
-    base = (torch.arange(B * H, device=x.device) * N).view(B, H, 1)
-    flat = (idx.expand(B, H, L) + base).reshape(-1)
     # index_select is several times faster than gather with an expanded index
-    src = x.reshape(B * H * N, Fx)
-    if ws is None:
-        return src.index_select(0, flat).view(B, H, L, Fx)
-    out = ws.get(name, (B, H, L, Fx), x)
-    torch.index_select(src, 0, flat, out=out.view(B * H * L, Fx))
-    return out
+    return x.reshape(B * H * N, Fx).index_select(0, _flat_rows(idx, B, H, N)).view(B, H, -1, Fx)
 
 
 class _Workspace:
@@ -392,6 +413,7 @@ class _Sorted:
     exclude_self: bool
     k_valid: Optional[torch.Tensor]  # [B|1, 1|H, seqlen] bool or None
     group: int  # chunks per gathered group
+    rows: Optional["_WindowRows"] = dataclasses.field(default=None, init=False)
 
     @property
     def n_slots(self) -> int:
@@ -447,10 +469,65 @@ class _Sorted:
             self.k_valid.expand(*k_pos.shape[:2], self.seqlen), 2, k_pos)
         return q_pos, k_pos, kv, kv_blocks[None, None]
 
+    def window(self, first: int, count: int, B: int, H: int):
+        """Banded rows of chunks ``first .. first + count - 1``: ``(q_pos [.., count*C],
+        q_rows [B*H*count*C], k_pos [.., W*C], k_rows [B*H*W*C], k_valid [.., W*C] | None)``
+        with ``W = count + before + after``: the query rows' and key window's original
+        positions and their flat row indices into a ``[B*H*seqlen, ·]`` view.  Slices of
+        per-call tables (:class:`_WindowRows`), cyclic wrap included."""
+        if self.rows is None:
+            self.rows = _WindowRows.build(self, B, H)
+        t, C = self.rows, self.chunk_len
+        a, b = first * C, (first + count) * C
+        wb = b + (self.n_chunks_before + self.n_chunks_after) * C  # window: ext rows a .. wb
+        return (self.q_pos[..., a:b], t.q_rows[..., a:b].reshape(-1), t.k_pos[..., a:wb],
+                t.k_rows[..., a:wb].reshape(-1), None if t.k_valid is None else t.k_valid[..., a:wb])
+
     def engine_args(self, q_pos, k_pos, kv):
         return dict(block_q=self.chunk_len, block_k=self.chunk_len, scale=self.scale,
                     causal=self.causal, exclude_self=self.exclude_self, q_pos=q_pos,
                     k_pos=k_pos, k_valid=kv)
+
+
+@dataclasses.dataclass
+class _WindowRows:
+    """Per-call index tables of the banded groups (:meth:`_Sorted.window` slices them).
+
+    ``q_rows [B, H, L]``: flat row (``(b*H + h) * seqlen + position``) of each sorted query
+    slot; ``k_pos``, ``k_rows``, ``k_valid`` ``[.., before*C + L + after*C]``: the sorted
+    keys' positions, flat rows and validity, extended cyclically by ``before`` chunks in
+    front (the sequence's last) and ``after`` behind (its first), so that every group's key
+    window — Trax's cyclic ``look_adjacent`` — is one contiguous slice."""
+
+    q_rows: torch.Tensor
+    k_pos: torch.Tensor
+    k_rows: torch.Tensor
+    k_valid: Optional[torch.Tensor]
+
+    @classmethod
+    def build(cls, g: _Sorted, B: int, H: int) -> "_WindowRows":
+        C, L = g.chunk_len, g.q_pos.shape[-1]
+        before, after = g.n_chunks_before * C, g.n_chunks_after * C
+
+        def ext(x):
+            return torch.cat([x[..., L - before:], x, x[..., :after]], -1)
+
+        base = (torch.arange(B * H, device=g.q_pos.device) * g.seqlen).view(B, H, 1)
+        q_rows = g.q_pos + base
+        k_pos = ext(g.k_pos)
+        k_rows = ext(q_rows) if g.k_pos is g.q_pos else k_pos + base
+        kv = None if g.k_valid is None else torch.gather(
+            g.k_valid.expand(*k_pos.shape[:2], g.seqlen), 2, k_pos)
+        return cls(q_rows, k_pos, k_rows, kv)
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor, ws: _Workspace, name: str) -> torch.Tensor:
+    """Rows ``rows [B*H*L]`` (flat, from :meth:`_Sorted.window`) of ``x [B, H, n, F]``
+    (contiguous) -> ``[B, H, L, F]`` in the workspace buffer ``name``."""
+    B, H, _, Fx = x.shape
+    out = ws.get(name, (B, H, rows.shape[0] // (B * H), Fx), x)
+    torch.index_select(x.view(-1, Fx), 0, rows, out=out.view(-1, Fx))
+    return out
 
 
 def _band(x: torch.Tensor, count: int, S: int, C: int) -> torch.Tensor:
@@ -503,52 +580,55 @@ def _band_scores(g: _Sorted, first: int, count: int, qg, kw, q_pos, k_pos, kv, w
 
 
 def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: _Workspace):
-    """One group of sorted chunks forward: ``(q_pos [B|1, H|1, count*C], out
-    [B, H, count*C, Dv], lse [B, H, count*C])`` of its query rows (``out`` lives in the
-    workspace until the next group)."""
-    q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+    """One group of sorted chunks forward: ``(q_rows [B*H*count*C], out [B, H, count*C, Dv],
+    lse [B, H, count*C])`` — its query rows' flat indices into a ``[B*H*seqlen, ·]`` view
+    and their results (``out`` lives in the workspace until the next group)."""
+    B, H, n, _ = q.shape
     if not g.banded:
+        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
         og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
                                       _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
-        return q_pos, og, lg
-    B, H = q.shape[:2]
+        return _flat_rows(q_pos, B, H, n), og, lg
     C = g.chunk_len
-    qg = _take_rows(q, q_pos, ws, "q").mul_(g.scale)
-    vw = _take_rows(v, k_pos, ws, "v")
-    probs, lg = softmax_lse_(_band_scores(g, first, count, qg, _take_rows(k, k_pos, ws, "k"),
+    q_pos, q_rows, k_pos, k_rows, kv = g.window(first, count, B, H)
+    qg = _gather_rows(q, q_rows, ws, "q").mul_(g.scale)
+    vw = _gather_rows(v, k_rows, ws, "v")
+    probs, lg = softmax_lse_(_band_scores(g, first, count, qg, _gather_rows(k, k_rows, ws, "k"),
                                           q_pos, k_pos, kv, ws))
     og = _heads_bmm(probs.to(vw.dtype), _band(vw, count, g.n_slots, C),
                     ws.get("out", (B, H, count, C, vw.shape[-1]), probs))
-    return q_pos, og.view(B, H, count * C, -1), lg.view(B, H, -1)
+    return q_rows, og.view(B, H, count * C, -1), lg.view(B, H, -1)
 
 
 def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: int, count: int,
                     ws: _Workspace):
-    """One group's share of the gradients: ``(q_pos, dq rows [B, H, count*C, D], k_pos,
+    """One group's share of the gradients: ``(q_rows, dq rows [B, H, count*C, D], k_rows,
     dk rows [B, H, W*C, D], dv rows [B, H, W*C, Dv])`` (statistics dtype) to add at the
-    query rows / key window rows.  ``lse_s``: merged lse with empty rows at 0
-    (:func:`safe_lse`); ``delta``: ``rowsum(dout * out) - dlse`` ``[B, H, seqlen]``."""
-    q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
-    B, H = q.shape[:2]
-    rows = q_pos.expand(B, H, q_pos.shape[-1])
+    flat query rows / key window rows (indices into ``[B*H*seqlen, ·]`` views).
+    ``lse_s``: merged lse with empty rows at 0 (:func:`safe_lse`); ``delta``:
+    ``rowsum(dout * out) - dlse`` ``[B, H, seqlen]``."""
+    B, H, n, _ = q.shape
     if not g.banded:
+        q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
+        rows = q_pos.expand(B, H, q_pos.shape[-1])
         dlg = None if dlse is None else torch.gather(dlse, 2, rows)
         gq, gk, gv = block_sparse_backward(
             _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
             _take_rows(out, q_pos), torch.gather(lse_s, 2, rows), _take_rows(dout, q_pos), dlg,
             blocks, **g.engine_args(q_pos, k_pos, kv))
-        return q_pos, gq, k_pos, gk, gv
+        return _flat_rows(q_pos, B, H, n), gq, _flat_rows(k_pos, B, H, n), gk, gv
     C, S = g.chunk_len, g.n_slots
-    qg = _take_rows(q, q_pos, ws, "q").mul_(g.scale)
-    kw, vw = _take_rows(k, k_pos, ws, "k"), _take_rows(v, k_pos, ws, "v")
+    q_pos, q_rows, k_pos, k_rows, kv = g.window(first, count, B, H)
+    qg = _gather_rows(q, q_rows, ws, "q").mul_(g.scale)
+    kw, vw = _gather_rows(k, k_rows, ws, "k"), _gather_rows(v, k_rows, ws, "v")
     pr = _band_scores(g, first, count, qg, kw, q_pos, k_pos, kv, ws)
-    pr = pr.sub_(torch.gather(lse_s, 2, rows).view(B, H, count, C, 1)).exp_()
-    dot = _take_rows(dout, q_pos, ws, "dout").to(vw.dtype).view(B, H, count, C, -1)
+    pr = pr.sub_(lse_s.view(-1).index_select(0, q_rows).view(B, H, count, C, 1)).exp_()
+    dot = _gather_rows(dout, q_rows, ws, "dout").to(vw.dtype).view(B, H, count, C, -1)
     kt, vt = (ws.get(n, (B, H, count, S * C, x.shape[-1]), x).copy_(_band(x, count, S, C))
               for n, x in (("kband", kw), ("vband", vw)))
     dq, dkt, dvt = tile_gradients(pr, qg.view(B, H, count, C, -1), kt, vt, dot,
-                                  torch.gather(delta, 2, rows).view(B, H, count, C, 1))
-    return (q_pos, dq.mul_(g.scale).view(B, H, count * C, -1), k_pos,
+                                  delta.view(-1).index_select(0, q_rows).view(B, H, count, C, 1))
+    return (q_rows, dq.mul_(g.scale).view(B, H, count * C, -1), k_rows,
             _unband(dkt.to(dq.dtype), S, C), _unband(dvt.to(dq.dtype), S, C))
 
 
@@ -579,8 +659,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
             lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
             out_f, lse_f = out.view(B * H * n, Dv), lse.view(B * H * n)
             rounds.append((out, lse))
-        q_pos, og, lg = _group_forward(g, q, k, v, first, count, ws)
-        rows = _flat_rows(q_pos, B, H, n)
+        rows, og, lg = _group_forward(g, q, k, v, first, count, ws)
         og, lg = og.reshape(-1, Dv), lg.reshape(-1)
         if r > 0 and not keep_rounds:  # fold into the rounds merged so far
             prev = torch.index_select(out_f, 0, rows, out=ws.get("merged", og.shape, og))
@@ -609,10 +688,9 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
         delta = delta - dlse.to(cdt)
     ws = _workspace()
     for _, first, count in g.groups():
-        q_pos, gq, k_pos, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
+        qrows, gq, krows, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
                                                    first, count, ws)
-        dq_f.index_add_(0, _flat_rows(q_pos, B, H, n), gq.reshape(-1, D).to(cdt))
-        krows = _flat_rows(k_pos, B, H, n)
+        dq_f.index_add_(0, qrows, gq.reshape(-1, D).to(cdt))
         dk_f.index_add_(0, krows, gk.reshape(-1, D).to(cdt))
         dv_f.index_add_(0, krows, gv.reshape(-1, Dv).to(cdt))
     return dq, dk, dv
