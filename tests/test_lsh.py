@@ -342,6 +342,8 @@ def test_concat_argmax_equals_argmax_of_the_concatenation(h, lo, hi, seed):
     assert torch.equal(concat_argmax(xt, dim=1), torch.cat([xt, -xt], 1).argmax(1))
     y = torch.randn(4, h, generator=g)
     assert torch.equal(concat_argmax(y), torch.cat([y, -y], -1).argmax(-1))
+    wide = torch.randint(lo, hi, (300 + h, 7), generator=g).float()  # int32 weights past 255
+    assert torch.equal(concat_argmax(wide, dim=0), torch.cat([wide, -wide], 0).argmax(0))
 
 
 @given(N=st.integers(5, 40), c=st.sampled_from([2, 4, 8]), R=st.integers(1, 3),

@@ -207,31 +207,35 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     # N = 16,384, half = 128: 96 vs 124 ms); large ``half``: [.., n, R, half] (at half =
     # 1,024 the other layout took 1.5x longer)
     tokens_last = half <= TOKENS_LAST_MAX_HALF
+    lead = torch.broadcast_shapes(x.shape[:-2], rot.shape[:-3])
+    BH = math.prod(lead)
     rot_m = rot.reshape(*rot.shape[:-3], rot.shape[-3], R * half)
-    if tokens_last:
-        rot_m = rot_m.transpose(-1, -2)  # [(H,) R*half, D]
+    if tokens_last:  # [BH, R*half, D]: one bmm writes the slice's projections in place
+        rot_m = rot_m.transpose(-1, -2).expand(*lead, R * half, rot.shape[-3]).reshape(BH, R * half, -1)
+    x = x.detach().expand(*lead, N, x.shape[-1])  # buckets are not differentiable
     parts = []
-    buf = abuf = None  # one projection buffer (and one for |xR|) for every full slice: a
-    # fresh multi-MB tensor per slice is not always handed back to the OS by glibc when torch
-    # runs 2+ threads (measured: 7.9 GB resident after hashing N = 262,144 tokens with 2
-    # threads, 75 MB with 1)
+    bufs = None  # one set of buffers (projections and the reductions' scratch) for every full
+    # slice: a fresh multi-MB tensor per slice is not always handed back to the OS by glibc
+    # when torch runs 2+ threads (measured: 7.9 GB resident after hashing N = 262,144
+    # tokens with 2 threads, 75 MB with 1), and page faults cost ~1.5 us per 4 KB here
     for n0 in range(0, N, step):
-        xs = x[..., n0:n0 + step, :].detach().to(cdt)  # buckets are not differentiable
+        xs = x[..., n0:n0 + step, :].to(cdt)
         n = xs.shape[-2]
-        lead = torch.broadcast_shapes(xs.shape[:-2], rot_m.shape[:-2])
-        shape = (*lead, R * half, n) if tokens_last else (*lead, n, R * half)
-        a, b = (rot_m, xs.transpose(-1, -2)) if tokens_last else (xs, rot_m)
-        if n == step:
-            if buf is None:
-                buf, abuf = (torch.empty(shape, dtype=cdt, device=x.device) for _ in range(2))
-            rv = torch.matmul(a, b, out=buf)
-        else:
-            rv = torch.matmul(a, b)
+        full = n == step
+        if full and bufs is None:
+            shape = (*lead, R, half, n) if tokens_last else (*lead, n, R, half)
+            wdt = torch.uint8 if half < 256 else torch.int32  # as concat_argmax weighs hits
+            bufs = [torch.empty(shape, dtype=t, device=x.device)
+                    for t in ((cdt, torch.bool, wdt) if tokens_last else (cdt, cdt))]
         if tokens_last:
-            parts.append(concat_argmax(rv.view(*lead, R, half, n), dim=-2))  # [..., R, n]
+            rv = torch.bmm(rot_m, xs.reshape(BH, n, -1).transpose(1, 2),
+                           out=bufs[0].view(BH, R * half, n) if full else None)
+            parts.append(concat_argmax(rv.view(*lead, R, half, n), dim=-2,
+                                       scratch=bufs[1:] if full else None))  # [..., R, n]
         else:
-            scratch = abuf.view(*lead, n, R, half) if n == step else None
-            parts.append(concat_argmax(rv.view(*lead, n, R, half), scratch=scratch).transpose(-1, -2))
+            rv = torch.matmul(xs, rot_m, out=bufs[0].view(*lead, n, R * half) if full else None)
+            parts.append(concat_argmax(rv.view(*lead, n, R, half),
+                                       scratch=bufs[1] if full else None).transpose(-1, -2))
     buckets = torch.cat(parts, -1)
     per_round = n_buckets
     if valid is not None:
@@ -241,21 +245,21 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     return (buckets + offsets).flatten(-2)
 
 
-def concat_argmax(x: torch.Tensor, dim: int = -1,
-                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def concat_argmax(x: torch.Tensor, dim: int = -1, scratch=None) -> torch.Tensor:
     """``argmax(concat[x, -x], dim)`` without building the concatenation: ``x`` with ``h``
     entries along ``dim`` -> long, ``dim`` removed, values in ``[0, 2h)``; the first
     maximum wins as ``argmax`` does (an entry of the positive half beats an equal one of the
-    negative half wherever they sit).  ``scratch``: optional tensor like ``x`` receiving
-    ``|x|`` (last-dim case; no fresh allocation per call).
+    negative half wherever they sit).
 
     Along the last dim: one index-returning pass over ``|x|`` (the two-pass max/min form
     took twice as long); its first maximum is the answer unless it is negative while a
     positive entry reaches the same magnitude, an exact tie resolved for those rows alone.
+    ``scratch``: optional tensor like ``x`` receiving ``|x|``.
     Along another dim (rows of contiguous columns) no index-returning reduction, which is
     5-20x slower than ``amax`` there: the winning value is ``max(x)`` unless ``-min(x)`` is
     larger (then the negative half wins), and its first position is
-    ``h - amax((x == value) * [h, h-1, .., 1])``."""
+    ``h - amax((x == value) * [h, h-1, .., 1])``.  ``scratch``: optional ``(bool, uint8 (h <
+    256) or int32)`` tensors shaped like ``x`` for the two temporaries."""
     h = x.shape[dim]
     if dim in (-1, x.dim() - 1):
         m, idx = (x.abs() if scratch is None else torch.abs(x, out=scratch)).max(-1)
@@ -272,9 +276,14 @@ def concat_argmax(x: torch.Tensor, dim: int = -1,
     value = torch.where(neg, mn, pos)
     shape = [1] * x.dim()
     shape[dim] = h
-    w = torch.arange(h, 0, -1, dtype=torch.int16 if h < (1 << 15) else torch.int32,
-                     device=x.device).view(shape)
-    first = h - (x == value).mul(w).amax(dim).long()
+    # uint8 weights multiply the bool hits bytes as they are (an int16 product first
+    # converts the bools: 5x the time)
+    wdt = torch.uint8 if h < 256 else torch.int32
+    w = torch.arange(h, 0, -1, dtype=wdt, device=x.device).view(shape)
+    eq, wt = (None, None) if scratch is None else scratch
+    hits = torch.eq(x, value, out=eq)
+    hits = torch.mul(hits.view(torch.uint8) if wdt == torch.uint8 else hits, w, out=wt)
+    first = h - hits.amax(dim).long()
     # NaN columns match nowhere (first = h): kept in range, as argmax stays in range
     return first.clamp_(max=h - 1) + h * neg.squeeze(dim)
 
