@@ -43,6 +43,16 @@ def softmax_lse_(scores: torch.Tensor):
     return probs, lse.squeeze(-1)
 
 
+def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse=None) -> torch.Tensor:
+    """FlashAttention's backward row term ``D_i = rowsum(dO_i * O_i) - dlse_i``:
+    ``dout, out [..., N, Dv]``, ``dlse [..., N]`` or None -> ``[..., N]`` in the statistics
+    dtype.  A row-wise dot product (einsum: no ``[..., N, Dv]`` temporary, which on this
+    CPU costs more in page faults than the products)."""
+    cdt = stat_dtype(out.dtype)
+    delta = torch.einsum("...d,...d->...", dout.to(cdt), out.to(cdt))
+    return delta if dlse is None else delta - dlse.to(cdt)
+
+
 def online_init(shape_rows, dv: int, dtype, device):
     """Empty online-softmax state for ``shape_rows`` query rows: ``(acc, m, l)``."""
     acc = torch.zeros(*shape_rows, dv, dtype=dtype, device=device)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from effattn.masks import PairMask, apply_masks
 from effattn.mechanisms import _flex
-from effattn.softmax import online_finish, online_init, online_update, safe_lse, softmax_lse_, stat_dtype
+from effattn.softmax import (
+    online_finish, online_init, online_update, output_delta, safe_lse, softmax_lse_, stat_dtype)
 
 #: default number of score elements (all batch/head rows included) per processed group
 DEFAULT_TILE_BUDGET = 1 << 21
@@ -319,10 +320,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
-    delta = (dout * out).sum(-1)
+    delta = output_delta(dout, out, dlse)
     dout = dout.to(mdt)
-    if dlse is not None:
-        delta = delta - dlse
     lse_s = safe_lse(lse)
     for rows, tiles in _tiles(p):
         if not tiles:

@@ -76,7 +76,8 @@ from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
     tile_gradients)
-from effattn.softmax import merge_pair_, merge_partials, safe_lse, softmax_lse_, stat_dtype
+from effattn.softmax import (
+    merge_pair_, merge_partials, output_delta, safe_lse, softmax_lse_, stat_dtype)
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
 DEFAULT_SEED = 0
@@ -594,11 +595,11 @@ def _band(x: torch.Tensor, U: int, S: int, C: int) -> torch.Tensor:
                         x.storage_offset())
 
 
-def _unband(t: torch.Tensor, S: int, C: int) -> torch.Tensor:
+def _unband(t: torch.Tensor, S: int, C: int, ws: _Workspace, name: str) -> torch.Tensor:
     """Adjoint of :func:`_band`: ``t [U, S * C, F]`` summed back onto window rows
-    ``[(U + S - 1) * C, F]``."""
+    ``[(U + S - 1) * C, F]`` (the workspace buffer ``name``)."""
     U, _, Fx = t.shape
-    w = torch.zeros((U + S - 1) * C, Fx, dtype=t.dtype, device=t.device)
+    w = ws.get(name, ((U + S - 1) * C, Fx), t).zero_()
     for s in range(S):  # for a fixed slot the chunks' rows do not overlap: one strided add
         w[s * C:(s + U) * C].view(U, C, Fx).add_(t[:, s * C:(s + 1) * C])
     return w
@@ -687,7 +688,7 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
                                   dot, delta.view(-1).index_select(0, grp.q_idx).view(U, C, 1))
     m = kw.shape[0] - pad
     return (grp.rows, dq.mul_(g.scale).view(U * C, -1), grp.k_rows,
-            _unband(dkt.to(dq.dtype), S, C)[:m], _unband(dvt.to(dq.dtype), S, C)[:m])
+            _unband(dkt.to(dq.dtype), S, C, ws, "dk")[:m], _unband(dvt.to(dq.dtype), S, C, ws, "dv")[:m])
 
 
 def _flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
@@ -748,9 +749,7 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     dk, dv = (torch.zeros(t.shape, dtype=cdt, device=t.device) for t in (k, v))
     dq, dk_f, dv_f = dq_f[:-1].view(B, H, n, D), dk.view(-1, D), dv.view(-1, Dv)
     lse_s = safe_lse(lse.to(cdt))
-    delta = (dout.to(cdt) * out.to(cdt)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(cdt)
+    delta = output_delta(dout, out, dlse)
     ws = _workspace()
     for _, first, count in g.groups():
         qrows, gq, krows, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
