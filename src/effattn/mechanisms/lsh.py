@@ -37,7 +37,9 @@ of chunks (:data:`GROUP_GATHER_BYTES` of sorted copies each); a group's rows are
 into the per-token result with the log-sum-exp merge as they come, and the backward
 recomputes each group's copies and tiles from ``q, k, v`` and the merged ``out, lse``
 (the merged statistics make each group's share of the gradient exact); the hash is
-computed in slices of positions.
+computed in slices of positions.  A group's gathers, scores and outputs live in scratch
+buffers each thread keeps between calls (about one group's worth;
+:func:`release_workspace` frees them): one batched matmul covers every (batch, head).
 
 Separate keys (``k`` given): queries and keys are hashed with the same rotations and
 sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
