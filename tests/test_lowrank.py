@@ -125,12 +125,13 @@ def test_linformer_padding_fully_masked_and_gradcheck():
 @given(N=st.integers(1, 24), pad=st.booleans(), empty=st.booleans(), seed=st.integers(0, 9999))
 def test_nystrom_one_landmark_per_token_is_exact(N, pad, empty, seed):
     q, k, v = rand_qkv(2, 2, N, N, 5, 3, seed=seed)
-    q, k = 2 * q, 2 * k  # sharper softmax: a well-conditioned landmark kernel (the limit is exact
-    # only up to cond(K2)·eps, ~1e-8 for nearly uniform attention at N = 21)
+    q, k = 2 * q, 2 * k  # sharper softmax: a better-conditioned landmark kernel (the limit is
+    # exact only up to about cond(K2)·eps: cond reaches 2e7 in this strategy's range, N = 21
+    # seed 309, error 1.7e-9 -- a wrong landmark or pseudo-inverse is off by > 1e-3)
     pm = random_padding(2, N, seed=seed, empty_row=1 if empty else None) if pad else None
     ref = effattn.attention(q, k, v, "naive", padding_mask=pm)
     out = effattn.attention(q, k, v, "nystrom", padding_mask=pm, n_landmarks=N, pinv_iters=40)
-    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(out, ref, atol=1e-8, rtol=1e-7)
 
 
 def test_nystrom_error_shrinks_as_landmarks_grow():

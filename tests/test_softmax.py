@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.softmax import merge_pair_, merge_partials, softmax_lse_
+from effattn.softmax import exp_, merge_pair_, merge_partials, softmax_lse_
 
 
 @given(parts=st.integers(1, 4), n=st.integers(1, 6), seed=st.integers(0, 2**16))
@@ -72,3 +72,24 @@ def test_in_place_softmax_equals_torch_softmax_and_logsumexp(rows, cols, seed, m
     torch.testing.assert_close(probs, ref_p, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, ref_l, atol=1e-9, rtol=1e-12)
     assert not probs.isnan().any() and not lse.isnan().any()
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 9), seed=st.integers(0, 1000),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fast_exp_matches_exp_in_place_with_a_broadcast_shift(rows, cols, seed, dtype):
+    """exp_ (exp2 with a scaled argument for float32) is exp to within 1e-6 relative on
+    softmax's argument range, maps -inf to 0, writes in place and differentiates as exp."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 12 - 10).to(dtype)
+    x[0, 0] = float("-inf")
+    shift = torch.rand(rows, 1, generator=g, dtype=torch.float64).to(dtype)
+    ref = torch.exp((x - shift).double())  # the subtraction rounds alike in both
+    y = x.clone()
+    out = exp_(y, shift)
+    assert out.data_ptr() == y.data_ptr() and out.dtype == dtype
+    assert out[0, 0] == 0
+    rel = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(out.double(), ref, rtol=rel, atol=0)
+    xg = x.detach().clone().requires_grad_(True)
+    exp_(xg * 1.0, shift).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), ref, rtol=2 * rel, atol=0)

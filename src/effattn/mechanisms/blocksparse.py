@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from effattn.masks import PairMask, apply_masks
 from effattn.mechanisms import _flex
 from effattn.softmax import (
-    online_finish, online_init, online_update, output_delta, safe_lse, softmax_lse_, stat_dtype)
+    exp_, online_finish, online_init, online_update, output_delta, safe_lse, softmax_lse_, stat_dtype)
 
 #: default number of score elements (all batch/head rows included) per processed group
 DEFAULT_TILE_BUDGET = 1 << 21
@@ -334,7 +334,7 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
         dqt = None
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v)
-            pr = _tile_scores(p, t, qt, kt).sub_(lt).exp_()  # P, recomputed: [.., r, L]
+            pr = exp_(_tile_scores(p, t, qt, kt), lt)  # P, recomputed: [.., r, L]
             part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt)
             dqt = part if dqt is None else dqt.add_(part)
             if t.keys is not None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.api import register
-from effattn.softmax import stat_dtype
+from effattn.softmax import exp_, stat_dtype
 
 __all__ = [
     "feature_map_attention", "streamed_feature_attention", "dense_feature_map_attention", "orthogonal_gaussian",
@@ -181,7 +181,7 @@ def _stream(spec, tensors, keep: bool):
                     expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
                     if valid is not None:
                         expo = expo.masked_fill_(~valid[..., None], float("-inf"))
-                    psi = expo.exp_()
+                    psi = exp_(expo)
                 else:
                     expo = log_k - c_safe
                     if valid is not None:
@@ -490,7 +490,7 @@ def efficient_features(q, k, padding_mask, temperature: float):
     if padding_mask is not None:
         sk = sk.masked_fill_(~padding_mask[:, None, :, None], float("-inf"))
     c = sk.detach().amax(-2, keepdim=True)  # [B, H, 1, D]: per-feature max over keys
-    psi = sk.sub_(torch.where(torch.isneginf(c), torch.zeros_like(c), c)).exp_()
+    psi = exp_(sk, torch.where(torch.isneginf(c), torch.zeros_like(c), c))
     return phi_q, psi, psi.sum(-2)
 
 

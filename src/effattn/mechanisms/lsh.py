@@ -79,7 +79,7 @@ from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
     tile_gradients)
 from effattn.softmax import (
-    merge_pair_, merge_partials, output_delta, safe_lse, softmax_lse_, stat_dtype)
+    exp_, merge_pair_, merge_partials, output_delta, safe_lse, softmax_lse_, stat_dtype)
 
 #: seed of the rotations when neither ``seed`` nor ``rotations`` is given
 DEFAULT_SEED = 0
@@ -685,7 +685,7 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
     qv = _gather_rows(q, grp.q_idx, ws, "q").mul_(g.scale)
     kw, vw = _gather_rows(k, grp.k_rows, ws, "k", pad), _gather_rows(v, grp.k_rows, ws, "v", pad)
     pr = _band_scores(g, first, grp, qv, kw, ws)
-    pr = pr.sub_(lse_s.view(-1).index_select(0, grp.q_idx).view(U, C, 1)).exp_()
+    pr = exp_(pr, lse_s.view(-1).index_select(0, grp.q_idx).view(U, C, 1))
     pr.view(-1, count + S - 1, C, S * C)[:, count:].zero_()  # junk chunks add nothing
     dot = _gather_rows(dout, grp.q_idx, ws, "dout").to(vw.dtype).view(U, C, -1)
     dq, dkt, dvt = tile_gradients(pr, qv.view(U, C, -1), _band(kw, U, S, C), _band(vw, U, S, C),
