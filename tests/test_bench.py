@@ -316,3 +316,21 @@ def test_backend_of_the_timed_calls_is_recorded():
     res = time_case(_time_task(sparse, N=128, backward=True))
     assert res["backend"] == "engine"
     assert time_case(_time_task(method_target("full", cfgmod.MethodSettings()), N=128))["backend"] is None
+
+
+def test_kept_scratch_counts_in_memory_but_its_refault_is_not_timed():
+    """lsh keeps a workspace between calls: the memory call frees it first (so the peak
+    includes it) and is then left out of the ``repeats`` timed calls; a method without
+    kept scratch has its memory call timed as the first repeat."""
+    from effattn.bench.measure import time_case
+    from effattn.mechanisms.lsh import _workspace, release_workspace
+
+    lsh = method_target("lsh", cfgmod.MethodSettings(options={"n_hashes": 2, "chunk_len": 16},
+                                                    shared_qk=True))
+    res = time_case(_time_task(lsh, N=512, repeats=2))
+    kept = _workspace().nbytes()
+    assert kept > 0 and len(res["times"]) == 2 and res["memory_call_s"] > 0
+    assert res["peak_mem_bytes"] >= kept
+    release_workspace()  # (each bench case has a process of its own)
+    full = time_case(_time_task(method_target("full", cfgmod.MethodSettings()), N=128, repeats=2))
+    assert len(full["times"]) == 2 and full["times"][0] == full["memory_call_s"]

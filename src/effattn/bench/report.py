@@ -78,8 +78,10 @@ def render(results: dict) -> str:
         "interquartile range; each case in its own subprocess (timeout "
         f"{cfg['timeout']:g} s{', memory cap %g MB' % cfg['max_memory_mb'] if cfg['max_memory_mb'] else ''})",
         "- memory: peak above the process after creating the inputs (CPU: resident-set high-water "
-        "mark; CUDA: max_memory_allocated), over the first timed call (after the warm-up, so "
-        "one-time compile costs are not counted; `results.json` keeps each case's `first_call_s`)",
+        "mark; CUDA: max_memory_allocated), over the first call after the warm-up (one-time "
+        "compile costs are not counted; `results.json` keeps each case's `first_call_s`); scratch "
+        "kept between calls (lsh's workspace) is freed before it and counts, and that call, "
+        "which re-allocates it, is not one of the timed ones (`memory_call_s`)",
         "- backend: for methods on the block-sparse engine, what ran the timed calls — `engine` "
         "(effattn's own tiles) or `flexattention` (compiled torch FlexAttention, no-grad CPU / "
         "CUDA calls without lse; switch with `EFFATTN_FLEX=off|auto|on`)",
