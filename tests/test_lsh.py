@@ -352,8 +352,8 @@ def test_concat_argmax_equals_argmax_of_the_concatenation(h, lo, hi, seed):
 def test_banded_groups_equal_the_engine_layout(N, c, R, before, after, causal, shared, padded,
                                                seed):
     """Groups run as bands of the gathered key window (views, the self pair on the own
-    chunk's diagonal plus other rounds' chunks) give the engine layout's outputs, lse and
-    gradients, in one group or many."""
+    chunk's diagonal plus other rounds' chunks; shared-QK keys derived from the gathered
+    query rows) give the engine layout's outputs, lse and gradients, in one group or many."""
     import effattn.mechanisms.lsh as lsh_mod
 
     q, k, v = rand_qkv(2, 2, N, N, 4, dtype=torch.float64, grad=True, seed=seed)

@@ -127,15 +127,19 @@ def _sort_key(name: str):
     return (_FAMILY_ORDER.index(fam) if fam in _FAMILY_ORDER else len(_FAMILY_ORDER), name)
 
 
-def shared_qk_keys(q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def shared_qk_keys(q: torch.Tensor, eps: float = 1e-6, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keys for shared-QK attention: ``q`` RMS-normalized (Trax's ``length_normalized``).
 
-    ``[..., N, D] -> [..., N, D]``; computed in at least float32, returned in ``q.dtype``.
+    ``[..., N, D] -> [..., N, D]``; computed in at least float32, returned in ``q.dtype``
+    (float32/float64 ``q``: written to ``out`` when given, a tensor like ``q``).  Rows are
+    independent: the keys of some rows of ``q`` are those rows of the keys.
     With the default scale ``1/sqrt(D)`` a score is ``q_i . q_j / |q_j|``.
     """
     x = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
     # the norm reduces without an [N, D] temporary of squares (x.pow(2) cost 4x the rest)
     ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+    if out is not None and x is q:
+        return torch.mul(x, torch.rsqrt(ms + eps), out=out)
     return (x * torch.rsqrt(ms + eps)).to(q.dtype)
 
 
