@@ -91,7 +91,7 @@ DEFAULT_N_HASHES = 2
 HASH_SLICE_ELEMENTS = 1 << 20
 #: largest ``n_buckets // 2`` hashed with the projections laid out tokens-last (see
 #: :func:`hash_vectors`)
-TOKENS_LAST_MAX_HALF = 128
+TOKENS_LAST_MAX_HALF = 64
 #: bytes of sorted copies (query rows, key window, outputs) one group of chunks gathers: small
 #: enough to stay in cache and be recycled by the allocator (a fresh N-sized copy per call
 #: is page-faulted in every time: measured as half of the forward time at N = 16,384)
@@ -208,9 +208,9 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     step = max(1, HASH_SLICE_ELEMENTS // max(1, math.prod(x.shape[:-2]) * R * half))
     # small ``half``: projections laid out [.., R, half, n], so the reductions over a round's
     # ``half`` entries run across contiguous rows of n tokens (vectorized) instead of along
-    # a short last dim (N = 2,048, half = 16: 2.7 ms instead of 4.7 for the whole hash;
-    # N = 16,384, half = 128: 96 vs 124 ms); large ``half``: [.., n, R, half] (at half =
-    # 1,024 the other layout took 1.5x longer)
+    # a short last dim (N = 2,048, half = 16: 1.3 ms instead of 2.2 for the whole hash);
+    # larger ``half``: [.., n, R, half] (equal at half = 32 and 64; 0.92x the time at 128;
+    # 0.84x at 512, N = 65,536: 833 vs 989 ms)
     tokens_last = half <= TOKENS_LAST_MAX_HALF
     lead = torch.broadcast_shapes(x.shape[:-2], rot.shape[:-3])
     BH = math.prod(lead)
@@ -254,43 +254,41 @@ def concat_argmax(x: torch.Tensor, dim: int = -1, scratch=None) -> torch.Tensor:
     """``argmax(concat[x, -x], dim)`` without building the concatenation: ``x`` with ``h``
     entries along ``dim`` -> long, ``dim`` removed, values in ``[0, 2h)``; the first
     maximum wins as ``argmax`` does (an entry of the positive half beats an equal one of the
-    negative half wherever they sit).
+    negative half wherever they sit).  Rows holding NaN give some index in range.
 
-    Along the last dim: one index-returning pass over ``|x|`` (the two-pass max/min form
-    took twice as long); its first maximum is the answer unless it is negative while a
-    positive entry reaches the same magnitude, an exact tie resolved for those rows alone.
-    ``scratch``: optional tensor like ``x`` receiving ``|x|``.
-    Along another dim (rows of contiguous columns) no index-returning reduction, which is
-    5-20x slower than ``amax`` there: the winning value is ``max(x)`` unless ``-min(x)`` is
-    larger (then the negative half wins), and its first position is
-    ``h - amax((x == value) * [h, h-1, .., 1])``.  ``scratch``: optional ``(bool, uint8 (h <
-    256) or int32)`` tensors shaped like ``x`` for the two temporaries."""
+    No index-returning reduction (torch's ``max``/``argmax`` with indices ran 20x slower than
+    ``amax`` on this CPU, along the last dim or another): the winning value is ``max(x)``
+    unless ``-min(x)`` is larger (then the negative half wins), and its first position is
+    ``h - amax(hit * [h, h-1, .., 1])``, ``hit`` 1 where ``x`` equals it.
+    Along the last dim ``hit = 1 - sign|x - value|`` in float arithmetic (comparisons
+    writing bools cost 7x a subtraction there: 1M entries, 0.35 vs 0.05 ms); ``scratch``:
+    optional tensor like ``x`` for it.  Along another dim (rows of contiguous columns) one
+    ``==`` pass and uint8 (``h < 256``; else int32) weights, faster in that layout;
+    ``scratch``: optional ``(bool, uint8 or int32)`` tensors shaped like ``x``."""
     h = x.shape[dim]
-    if dim in (-1, x.dim() - 1):
-        m, idx = (x.abs() if scratch is None else torch.abs(x, out=scratch)).max(-1)
-        neg = x.gather(-1, idx[..., None])[..., 0] < 0
-        out = idx + h * neg
-        tie = neg & (x.amax(-1) == m)
-        if bool(tie.any()):
-            rows = tie.nonzero(as_tuple=True)
-            out[rows] = (x[rows] == m[rows][..., None]).to(torch.uint8).argmax(-1)
-        return out
+    last = dim in (-1, x.dim() - 1)
     pos = x.amax(dim, keepdim=True)
     mn = x.amin(dim, keepdim=True)
     neg = pos < -mn
     value = torch.where(neg, mn, pos)
     shape = [1] * x.dim()
     shape[dim] = h
-    # uint8 weights multiply the bool hits bytes as they are (an int16 product first
-    # converts the bools: 5x the time)
-    wdt = torch.uint8 if h < 256 else torch.int32
-    w = torch.arange(h, 0, -1, dtype=wdt, device=x.device).view(shape)
-    eq, wt = (None, None) if scratch is None else scratch
-    hits = torch.eq(x, value, out=eq)
-    hits = torch.mul(hits.view(torch.uint8) if wdt == torch.uint8 else hits, w, out=wt)
-    first = h - hits.amax(dim).long()
-    # NaN columns match nowhere (first = h): kept in range, as argmax stays in range
-    return first.clamp_(max=h - 1) + h * neg.squeeze(dim)
+    if last:
+        w = torch.arange(h, 0, -1, dtype=x.dtype, device=x.device).view(shape)
+        hits = torch.sub(x, value, out=scratch).abs_().sign_()  # 0 exactly where x == value
+        hits = torch.addcmul(w, hits, w, value=-1, out=hits)  # w there, 0 elsewhere
+        top = hits.amax(dim).nan_to_num_(nan=0.0).long()
+    else:
+        # uint8 weights multiply the bool hits bytes as they are (an int16 product first
+        # converts the bools: 5x the time)
+        wdt = torch.uint8 if h < 256 else torch.int32
+        w = torch.arange(h, 0, -1, dtype=wdt, device=x.device).view(shape)
+        eq, wt = (None, None) if scratch is None else scratch
+        hits = torch.eq(x, value, out=eq)
+        hits = torch.mul(hits.view(torch.uint8) if wdt == torch.uint8 else hits, w, out=wt)
+        top = hits.amax(dim).long()
+    # NaN rows match nowhere (top = 0, first = h): kept in range, as argmax stays in range
+    return (h - top).clamp_(max=h - 1) + h * neg.squeeze(dim)
 
 
 def bucket_sort_keys(buckets: torch.Tensor, seqlen: int) -> torch.Tensor:
