@@ -114,6 +114,7 @@ def test_causal_no_leak_including_gradients():
     q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
     for t in (q2, k2, v2):
         t[:, :, i + 1:] = torch.randn_like(t[:, :, i + 1:])
+        t.requires_grad_(True)  # the same (differentiable) path as out: compared bitwise
     out2 = effattn.attention(q2, k2, v2, "bigbird", causal=True, **opts)
     assert torch.equal(out2[:, :, : i + 1], out.detach()[:, :, : i + 1])
 

@@ -86,6 +86,7 @@ def test_causal_no_leak_including_gradients(method):
     q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
     for t in (q2, k2, v2):
         t[:, :, i + 1:] = torch.randn_like(t[:, :, i + 1:])
+        t.requires_grad_(True)  # the same (differentiable) path as out: compared bitwise
     out2 = effattn.attention(q2, k2, v2, method, causal=True, **opts)
     assert torch.equal(out2[:, :, : i + 1], out.detach()[:, :, : i + 1])
 
@@ -149,3 +150,19 @@ def test_rejects_different_key_length():
     q, k, v = rand_qkv(1, 1, 12, Nk=10, D=4)
     with pytest.raises(ValueError, match="Nk"):
         effattn.attention(q, k, v, "sparse_strided", stride=3)
+
+
+@pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
+def test_no_grad_in_place_merge_equals_the_differentiable_one(method):
+    """Without gradients the two parts are folded in place (merge_pair_); with them, stacked
+    (merge_partials): the same outputs and lse, padded and empty rows included."""
+    q, k, v = rand_qkv(2, 2, 29, D=4, seed=4, grad=True)
+    pm = torch.ones(2, 29, dtype=torch.bool)
+    pm[0, 20:] = False
+    pm[1] = False
+    opts = dict(padding_mask=pm, return_lse=True, **small(method, stride=5, block_size=4))
+    out, lse = effattn.attention(q, k, v, method, **opts)
+    with torch.no_grad():
+        out_ng, lse_ng = effattn.attention(q, k, v, method, **opts)
+    torch.testing.assert_close(out_ng, out.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse_ng, lse.detach(), atol=1e-12, rtol=1e-12)

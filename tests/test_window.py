@@ -80,6 +80,8 @@ def test_longformer_causal_no_leak_including_gradients():
     v2[:, :, i + 1:] -= 3.0
     q2 = q.detach().clone()
     q2[:, :, i + 1:] *= -2.0
+    for t in (q2, k2, v2):
+        t.requires_grad_(True)  # the same (differentiable) path as out: compared bitwise
     out2 = effattn.attention(q2, k2, v2, "longformer", causal=True, **opts)
     assert torch.equal(out2[:, :, : i + 1], out.detach()[:, :, : i + 1])
 

@@ -16,7 +16,7 @@ import torch
 
 from effattn.masks import apply_masks
 from effattn.mechanisms.blocksparse import block_sparse_attention
-from effattn.softmax import merge_partials, softmax_lse, stat_dtype
+from effattn.softmax import merge_pair_, merge_partials, softmax_lse, stat_dtype
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -169,6 +169,24 @@ def pattern_reference(q, k, v, allowed: torch.Tensor, *, causal: bool,
     return torch.matmul(probs, vv).to(q.dtype), lse
 
 
+def flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
+    """Positions ``[B|1, H|1, L]`` -> flat row indices ``[B*H*L]`` into a ``[B*H*n, ·]`` view."""
+    base = (torch.arange(B * H, device=pos.device) * n).view(B, H, 1)
+    return (pos.expand(B, H, pos.shape[-1]) + base).reshape(-1)
+
+
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, N, F]`` (or ``[B, H, N]``) at positions ``idx [B|1, H|1, L]`` -> ``[B, H, L,
+    F]`` (``[B, H, L]``); differentiable.  One ``index_select`` over a 2-D view: 2x faster
+    than ``index_select`` along dim 2 for ``[1, 4, 16384, 64]`` (14x for ``[B, H, N]``), and
+    several times faster than ``gather`` with an expanded index."""
+    B, H, N = x.shape[:3]
+    rows = flat_rows(idx, B, H, N)
+    if x.dim() == 3:
+        return x.reshape(B * H * N).index_select(0, rows).view(B, H, -1)
+    return x.reshape(B * H * N, x.shape[-1]).index_select(0, rows).view(B, H, -1, x.shape[-1])
+
+
 def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor, block: int, *,
                              scale: float, causal: bool, exclude_self: bool,
                              padding_mask: Optional[torch.Tensor], pair_mask=None,
@@ -191,11 +209,13 @@ def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor
     slot_of = torch.empty(N, dtype=torch.long, device=q.device)
     slot_of[pos[real]] = torch.nonzero(real)[:, 0]
     out, lse = block_sparse_attention(
-        q.index_select(2, src), k.index_select(2, src), v.index_select(2, src), kv_blocks,
+        take_rows(q, src[None, None]), take_rows(k, src[None, None]), take_rows(v, src[None, None]),
+        kv_blocks,
         block_q=block, block_k=block, scale=scale, causal=causal, exclude_self=exclude_self,
         q_pos=pos[None, None], k_pos=pos[None, None], k_valid=valid[:, None], pair_mask=pair_mask,
         need_lse=need_lse)
-    return out.index_select(2, slot_of), None if lse is None else lse.index_select(2, slot_of)
+    back = slot_of[None, None]
+    return take_rows(out, back), None if lse is None else take_rows(lse, back)
 
 
 def merge_parts(*parts):
@@ -205,6 +225,14 @@ def merge_parts(*parts):
     parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for p in parts for t in p):
+        # no gradient: fold the parts in place, one lerp pass each (the stacked merge costs
+        # a copy of every part and three passes over the stack: sparse_strided forward at
+        # N = 16,384 spent 14 % of its time there)
+        out, lse = parts[0][0].to(parts[0][1].dtype), parts[0][1]
+        for o, l in parts[1:]:
+            out, lse = merge_pair_(out, lse, o.to(l.dtype), l)
+        return out, lse
     # outputs merge in the statistics dtype (lse's): bf16 parts are not re-rounded
     return merge_partials(torch.stack([p[0].to(p[1].dtype) for p in parts]),
                           torch.stack([p[1] for p in parts]))

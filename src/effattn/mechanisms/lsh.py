@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.api import register, shared_qk_keys
-from effattn.mechanisms._layout import check_int, check_same_length
+from effattn.mechanisms._layout import check_int, check_same_length, flat_rows, take_rows
 from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
@@ -358,13 +358,6 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
     gid = (first + j + offs_t) % n_chunks
     dup = (gid[:, :, None] == gid[:, None, :]).tril(-1).any(-1)  # repeats an earlier slot
     return global_ids, torch.where(dup, torch.full_like(local, -1), local)
-
-
-def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, N, F]`` rows at ``idx [B|1, H|1, L]`` -> ``[B, H, L, F]``."""
-    B, H, N, Fx = x.shape
-    # index_select is several times faster than gather with an expanded index
-    return x.reshape(B * H * N, Fx).index_select(0, _flat_rows(idx, B, H, N)).view(B, H, -1, Fx)
 
 
 class _Workspace:
@@ -671,9 +664,9 @@ def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: _Workspace):
     B, H, n, _ = q.shape
     if not g.banded:
         q_pos, k_pos, kv, blocks = g.layout(first, count, q.device)
-        og, lg = block_sparse_forward(_take_rows(q, q_pos), _take_rows(k, k_pos),
-                                      _take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
-        return _flat_rows(q_pos, B, H, n), og.reshape(-1, og.shape[-1]), lg.reshape(-1)
+        og, lg = block_sparse_forward(take_rows(q, q_pos), take_rows(k, k_pos),
+                                      take_rows(v, k_pos), blocks, **g.engine_args(q_pos, k_pos, kv))
+        return flat_rows(q_pos, B, H, n), og.reshape(-1, og.shape[-1]), lg.reshape(-1)
     C, S = g.chunk_len, g.n_slots
     grp = g.window(first, count, B, H, ws)
     pad = (S - 1) * C
@@ -698,10 +691,10 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
         rows = q_pos.expand(B, H, q_pos.shape[-1])
         dlg = None if dlse is None else torch.gather(dlse, 2, rows)
         gq, gk, gv = block_sparse_backward(
-            _take_rows(q, q_pos), _take_rows(k, k_pos), _take_rows(v, k_pos),
-            _take_rows(out, q_pos), torch.gather(lse_s, 2, rows), _take_rows(dout, q_pos), dlg,
+            take_rows(q, q_pos), take_rows(k, k_pos), take_rows(v, k_pos),
+            take_rows(out, q_pos), torch.gather(lse_s, 2, rows), take_rows(dout, q_pos), dlg,
             blocks, **g.engine_args(q_pos, k_pos, kv))
-        return (_flat_rows(q_pos, B, H, n), gq.reshape(-1, gq.shape[-1]), _flat_rows(k_pos, B, H, n),
+        return (flat_rows(q_pos, B, H, n), gq.reshape(-1, gq.shape[-1]), flat_rows(k_pos, B, H, n),
                 gk.reshape(-1, gk.shape[-1]), gv.reshape(-1, gv.shape[-1]))
     C, S = g.chunk_len, g.n_slots
     grp = g.window(first, count, B, H, ws)
@@ -717,12 +710,6 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
     m = kw.shape[0] - pad
     return (grp.rows, dq.mul_(g.scale).view(U * C, -1), grp.k_rows,
             _unband(dkt.to(dq.dtype), S, C, ws, "dk")[:m], _unband(dvt.to(dq.dtype), S, C, ws, "dv")[:m])
-
-
-def _flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
-    """Positions ``[B|1, H|1, L]`` -> flat row indices into a ``[B*H*n, ·]`` view."""
-    base = (torch.arange(B * H, device=pos.device) * n).view(B, H, 1)
-    return (pos.expand(B, H, pos.shape[-1]) + base).reshape(-1)
 
 
 def _spare_row_results(B: int, H: int, n: int, Dv: int, dtype, device):
