@@ -149,9 +149,11 @@ def _scatter_blocks(dst: torch.Tensor, block: int, idx: torch.Tensor, src: torch
 class _Tile:
     """One (query group, key chunk) tile: index helpers shared by forward and backward."""
 
-    __slots__ = ("rows", "q_pos", "k_pos", "k_valid", "keys", "sparse_idx", "shape_q", "mask_cols")
+    __slots__ = ("rows", "q_pos", "k_pos", "k_valid", "keys", "sparse_idx", "shape_q", "mask_cols",
+                 "band")
 
-    def __init__(self, rows, q_pos, k_pos, k_valid, keys, sparse_idx, shape_q, mask_cols=None):
+    def __init__(self, rows, q_pos, k_pos, k_valid, keys, sparse_idx, shape_q, mask_cols=None,
+                 band=None):
         self.rows = rows  # slice of padded query rows
         self.q_pos = q_pos  # [.., R, 1] (dense) or [.., G, bq, 1] (sparse)
         self.k_pos = k_pos  # [.., 1, L] or [.., G, 1, L]
@@ -160,6 +162,7 @@ class _Tile:
         self.sparse_idx = sparse_idx  # [Bi, Hi, G, S'] or None
         self.shape_q = shape_q  # view of the query rows for matmul
         self.mask_cols = mask_cols  # column ranges [(a, b)] needing the pair rules; None = all
+        self.band = band  # sparse: first key block when slot s of group g is block band + g + s
 
 
 #: a sparse tile whose slots needing the pair rules form more runs than this is masked whole
@@ -222,13 +225,64 @@ def _tiles(p: _Plan):
                     kv = None
                 runs = None if free is None else _mask_runs(free[:, :, g0:g1, s0:s0 + p.slot_chunk], idx, bk)
                 tiles.append(_Tile(rows, qp, kp[..., None, :],
-                                   None if kv is None else kv[..., None, :], None, idx, G, runs))
+                                   None if kv is None else kv[..., None, :], None, idx, G, runs,
+                                   _band_start(idx)))
         yield rows, tiles
+
+
+def _band_start(idx: torch.Tensor) -> Optional[int]:
+    """``b`` when the sparse tile slots ``idx [1, 1, G, S]`` are the band ``idx[g, s] = b +
+    g + s`` (every batch and head alike, no empty slot: sliding windows away from the
+    sequence ends), else None.  Such a tile's keys are an overlapping view of the key rows
+    (:func:`_band_view`), not a gathered copy."""
+    if idx.shape[0] != 1 or idx.shape[1] != 1 or idx.numel() == 0:
+        return None
+    G, S = idx.shape[-2:]
+    b = int(idx[0, 0, 0, 0])
+    if b < 0:
+        return None
+    steps = torch.arange(G, device=idx.device)[:, None] + torch.arange(S, device=idx.device)
+    return b if bool(torch.equal(idx[0, 0], steps + b)) else None
+
+
+def _band_view(x: torch.Tensor, block: int, start: int, G: int, S: int) -> torch.Tensor:
+    """Overlapping view of key rows, no copy: ``x [B, H, n, F]`` (contiguous rows) -> ``[B,
+    H, G, S * block, F]`` whose group ``g`` is blocks ``start + g .. start + g + S - 1``."""
+    B, H, _, Fx = x.shape
+    return x.as_strided((B, H, G, S * block, Fx),
+                        (x.stride(0), x.stride(1), block * x.stride(2), x.stride(2), x.stride(3)),
+                        x.storage_offset() + start * block * x.stride(2))
+
+
+def _band_add_(dst: torch.Tensor, block: int, start: int, src: torch.Tensor) -> None:
+    """Adjoint of :func:`_band_view`: ``dst [B, H, n, F]`` += ``src [B, H, G, S * block, F]``
+    summed over the overlaps (one strided add per slot: a slot's blocks never overlap)."""
+    B, H, G, L, Fx = src.shape
+    for s in range(L // block):
+        rows = slice((start + s) * block, (start + s + G) * block)
+        dst[:, :, rows].view(B, H, G, block, Fx).add_(src[:, :, :, s * block:(s + 1) * block])
+
+
+def tile_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for tile tensors ``[.., r, x] @ [.., x, c]``; a 5-D band view ``b`` (its
+    batch dims do not merge) runs as one ``bmm`` per (batch, head) into one result instead
+    of ``matmul`` copying it (a band tile's keys: one matmul over views, no gather)."""
+    if b.dim() != 5 or b.shape[:2] != a.shape[:2] or b.stride(2) * b.shape[2] == b.stride(1):
+        return torch.matmul(a, b)
+    B, H = a.shape[:2]
+    out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=torch.result_type(a, b), device=a.device)
+    for i in range(B):
+        for j in range(H):
+            torch.bmm(a[i, j], b[i, j], out=out[i, j])
+    return out
 
 
 def _tile_kv(p: _Plan, t: _Tile, k: torch.Tensor, v: torch.Tensor):
     if t.keys is not None:
         return k[:, :, t.keys], v[:, :, t.keys]
+    if t.band is not None:
+        G, S = t.sparse_idx.shape[-2:]
+        return (_band_view(k, p.block_k, t.band, G, S), _band_view(v, p.block_k, t.band, G, S))
     safe = t.sparse_idx.clamp(min=0)
     return _gather_blocks(k, p.block_k, safe), _gather_blocks(v, p.block_k, safe)
 
@@ -244,7 +298,7 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
 def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     """Masked scores ``[.., r, L]`` (statistics dtype) of a tile; ``qt_scaled`` already
     carries the scale."""
-    s = torch.matmul(qt_scaled, kt.transpose(-1, -2))
+    s = tile_matmul(qt_scaled, kt.transpose(-1, -2))
     s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
     if t.mask_cols is None:
         return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
@@ -278,7 +332,7 @@ def _forward(p: _Plan, q, k, v):
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v)
             probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt))
-            o = torch.matmul(probs.to(vt.dtype), vt)
+            o = tile_matmul(probs.to(vt.dtype), vt)
         else:
             state = online_init(qt.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:
@@ -305,9 +359,9 @@ def tile_gradients(pr, qt, kt, vt, dot, dt):
     """
     mdt, cdt = dot.dtype, pr.dtype
     dvt = torch.matmul(pr.to(mdt).transpose(-1, -2), dot)
-    ds = torch.matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
+    ds = tile_matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
     ds_m = ds.to(mdt)
-    return torch.matmul(ds_m, kt).to(cdt), torch.matmul(ds_m.transpose(-1, -2), qt), dvt
+    return tile_matmul(ds_m, kt).to(cdt), torch.matmul(ds_m.transpose(-1, -2), qt), dvt
 
 
 def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
@@ -340,6 +394,9 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt
                 dv[:, :, t.keys] += dvt
+            elif t.band is not None:
+                _band_add_(dk, p.block_k, t.band, dkt)
+                _band_add_(dv, p.block_k, t.band, dvt)
             else:
                 _scatter_blocks(dk, p.block_k, t.sparse_idx, dkt)
                 _scatter_blocks(dv, p.block_k, t.sparse_idx, dvt)
