@@ -567,7 +567,7 @@ def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bo
     if kind == "softmax":
         u = performer_logits(x, w, r)
         m = u.detach().amax(-1, keepdim=True)
-        psi = u.sub_(m).exp_()  # in place: exp_'s backward needs only its result
+        psi = exp_(u, m)  # in place: exp2_'s backward needs only its result
         return psi, (None if is_query else m[..., 0])
     proj = torch.matmul(x, (w * r).T)  # [B, H, N, M]
     psi = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
