@@ -166,3 +166,29 @@ def test_no_grad_in_place_merge_equals_the_differentiable_one(method):
         out_ng, lse_ng = effattn.attention(q, k, v, method, **opts)
     torch.testing.assert_close(out_ng, out.detach(), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse_ng, lse.detach(), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("class_max", [0, 512])
+@pytest.mark.parametrize("causal", [False, True])
+def test_residue_classes_as_one_block_or_many_match_the_definition(class_max, causal):
+    """Non-causal residue classes up to CLASS_BLOCK_MAX slots run as one engine block each
+    (keys a view of the reordered rows); larger ones, and causal ones, in blocks: the same
+    attention either way, gradients included."""
+    import effattn.mechanisms.sparse as sp
+
+    N, stride, block = 45, 4, 4
+    q, k, v = rand_qkv(2, 2, N, D=4, Dv=3, seed=11, grad=True)
+    pm = random_padding(2, N, seed=11)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sp, "CLASS_BLOCK_MAX", class_max)
+        _, _, used = sp._residue_plan(N, stride, block, causal, "cpu")
+        out = effattn.attention(q, k, v, "sparse_strided", causal=causal, padding_mask=pm,
+                                stride=stride, block_size=block)
+    assert used == (12 if class_max and not causal else 4)  # 12 = ceil(45/4) -> 3 blocks of 4
+    ref, _ = reference(q, k, v, allowed(strided_parts(N, stride), 2, False), causal, pm, False)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    go = torch.randn_like(out)
+    ga = torch.autograd.grad((out * go).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * go).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

@@ -78,6 +78,22 @@ def _residue_order(N: int, stride: int, block: int, device):
     return pos, bm, per_class
 
 
+#: largest residue class (slots) attended as one engine block when non-causal: its keys are
+#: then a view of the reordered rows (the engine's band path, no gathered block copies);
+#: larger classes, and causal ones (which skip the blocks above the diagonal), stay in
+#: blocks of ``min(block_size, N / stride)``
+CLASS_BLOCK_MAX = 512
+
+
+def _residue_plan(N: int, stride: int, block: int, causal: bool, device):
+    """``(pos, layout, block)`` of the residue pass: slot order (:func:`_residue_order`),
+    its engine layout and block size."""
+    pos, bm, per_class = _residue_order(N, stride, block, device)
+    if not causal and per_class * bm <= CLASS_BLOCK_MAX:  # one block per class, itself
+        return pos, torch.arange(stride, device=device).view(1, 1, stride, 1), per_class * bm
+    return pos, _residue_layout(stride, per_class, causal, device), bm
+
+
 def _residue_layout(stride, per_class, causal, device):
     qb = torch.arange(stride * per_class, device=device)
     local = torch.arange(per_class, device=device)
@@ -91,8 +107,7 @@ def _residue_layout(stride, per_class, causal, device):
 def _strided_residue_pass(q, k, v, stride, block, *, causal, exclude_self, padding_mask,
                           skip_diagonal, need_lse):
     """A2 of the strided pattern on residue-ordered tokens -> ``(out, lse)`` in original order."""
-    pos, bm, per_class = _residue_order(q.shape[2], stride, block, q.device)
-    layout = _residue_layout(stride, per_class, causal, q.device)
+    pos, layout, bm = _residue_plan(q.shape[2], stride, block, causal, q.device)
     return permuted_block_attention(
         q, k, v, pos, layout, bm, scale=1.0, causal=causal, exclude_self=exclude_self,
         padding_mask=padding_mask, pair_mask=elementwise(lambda a, b: a != b) if skip_diagonal else None,
@@ -236,8 +251,7 @@ def strided_flops(B, H, Nq, Nk, D, Dv, causal=False, stride=128, block_size=64,
     """Engine matmul FLOPs of :func:`sparse_strided` (both parts, slots as gathered)."""
     h1, h2 = _head_split(H, per_head)
     local = _strided_local_layout(Nq, stride, block_size, causal, "cpu")
-    pos, bm, per_class = _residue_order(Nq, stride, block_size, "cpu")
-    res = _residue_layout(stride, per_class, causal, "cpu")
+    pos, res, bm = _residue_plan(Nq, stride, block_size, causal, "cpu")
     return (engine_flops(B, h1, Nq, block_size, local.shape[-1] * block_size, D, Dv)
             + engine_flops(B, h2, pos.numel(), bm, res.shape[-1] * bm, D, Dv))
 
