@@ -3,7 +3,7 @@ definitions (Child et al. 2019, section 4.2), in float64."""
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import effattn
 from effattn.api import shared_qk_keys
@@ -59,6 +59,29 @@ def test_matches_paper_definition(method, N, stride, summary, block, causal, sha
     ref, ref_lse = reference(q, k, v, allowed(parts, H, per_head), causal, pm, shared)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+@settings(deadline=None, max_examples=30)
+@given(method=st.sampled_from(["sparse_strided", "sparse_fixed"]), N=st.integers(1, 40),
+       stride=st.integers(1, 7), block=st.sampled_from([1, 4, 8]), causal=st.booleans(),
+       shared=st.booleans(), pad=st.booleans(), per_head=st.booleans(), seed=st.integers(0, 99))
+def test_gradients_match_paper_definition(method, N, stride, block, causal, shared, pad, per_head, seed):
+    """Gradients of the output and the lse (the union of the two parts runs as one autograd
+    node whose backward reuses the union's statistics) against the dense definition."""
+    q, k, v = rand_qkv(2, 2, N, D=4, Dv=3, seed=seed, grad=True)
+    pm = random_padding(2, N, seed=seed) if pad else None
+    opts = small(method, stride=stride, block_size=block, per_head=per_head)
+    parts = fixed_parts(N, stride, 1) if method == "sparse_fixed" else strided_parts(N, stride)
+    out, lse = effattn.attention(q, None if shared else k, v, method, causal=causal, padding_mask=pm,
+                                 return_lse=True, **opts)
+    ref, ref_lse = reference(q, k, v, allowed(parts, 2, per_head), causal, pm, shared)
+    g = torch.Generator().manual_seed(seed)
+    go, gl = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    inputs = (q, v) if shared else (q, k, v)
+    ga = torch.autograd.grad((out * go).sum() + (finite_lse(lse) * gl).sum(), inputs)
+    gb = torch.autograd.grad((ref * go).sum() + (finite_lse(ref_lse) * gl).sum(), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -154,8 +177,8 @@ def test_rejects_different_key_length():
 
 @pytest.mark.parametrize("method", ["sparse_strided", "sparse_fixed"])
 def test_no_grad_in_place_merge_equals_the_differentiable_one(method):
-    """Without gradients the two parts are folded in place (merge_pair_); with them, stacked
-    (merge_partials): the same outputs and lse, padded and empty rows included."""
+    """The union's no-grad forward and its differentiable one give the same outputs and lse,
+    padded and empty rows included."""
     q, k, v = rand_qkv(2, 2, 29, D=4, seed=4, grad=True)
     pm = torch.ones(2, 29, dtype=torch.bool)
     pm[0, 20:] = False

@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 import torch
 
 from effattn.masks import apply_masks
-from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import merge_pair_, merge_partials, softmax_lse, stat_dtype
 
 
@@ -110,6 +109,15 @@ def band_layout(n: int, bq: int, bk: int, before: int, after: int, device) -> to
     return compact_layout(cand >= 0, cand)
 
 
+def band_full_slots(layout: torch.Tensor, n: int, block: int, before: int, after: int) -> torch.Tensor:
+    """Bool like ``layout [.., n_q_blocks, S]`` (square blocks of ``block``, ``-1`` empty):
+    slots whose every (query ``i``, key ``j``) pair has ``i - before <= j <= i + after`` —
+    the engine's ``full_slots`` hint for a band pattern (those slots skip the pair rules)."""
+    qb = torch.arange(layout.shape[-2], device=layout.device)[:, None]
+    lo, hi = diff_range(n, block, block, qb, layout.clamp(min=0))  # range of i - j
+    return (layout >= 0) & (hi <= before) & (lo >= -after)
+
+
 def causal_blocks(n: int, bq: int, bk: int, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     """True where key block ``kb`` starts at or before the last real query of ``qb``."""
     _, q_hi = block_bounds(n, bq, qb)
@@ -185,37 +193,6 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         return x.reshape(B * H * N).index_select(0, rows).view(B, H, -1)
     return x.reshape(B * H * N, x.shape[-1]).index_select(0, rows).view(B, H, -1, x.shape[-1])
-
-
-def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor, block: int, *,
-                             scale: float, causal: bool, exclude_self: bool,
-                             padding_mask: Optional[torch.Tensor], pair_mask=None,
-                             need_lse: bool = True):
-    """Engine attention on tokens reordered into *slots* (residue classes, 2-D windows).
-
-    ``pos`` long ``[L]``: the original position each slot holds; ``pos >= N`` marks a
-    padding slot (each with its own position, never attended).  ``kv_blocks`` and
-    ``block`` describe the layout in slot order; every mask rule (causal, padding,
-    self-exclusion, ``pair_mask``) sees original positions.  ``q [B,H,N,D]``, ``k``,
-    ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv], lse [B,H,N])`` in the original order (``lse``
-    may be ``None`` with ``need_lse=False``, see :func:`block_sparse_attention`).
-    """
-    N = q.shape[2]
-    real = pos < N
-    src = torch.where(real, pos, torch.zeros_like(pos))
-    valid = real[None]
-    if padding_mask is not None:
-        valid = valid & padding_mask[:, src]
-    slot_of = torch.empty(N, dtype=torch.long, device=q.device)
-    slot_of[pos[real]] = torch.nonzero(real)[:, 0]
-    out, lse = block_sparse_attention(
-        take_rows(q, src[None, None]), take_rows(k, src[None, None]), take_rows(v, src[None, None]),
-        kv_blocks,
-        block_q=block, block_k=block, scale=scale, causal=causal, exclude_self=exclude_self,
-        q_pos=pos[None, None], k_pos=pos[None, None], k_valid=valid[:, None], pair_mask=pair_mask,
-        need_lse=need_lse)
-    back = slot_of[None, None]
-    return take_rows(out, back), None if lse is None else take_rows(lse, back)
 
 
 def merge_parts(*parts):

@@ -21,15 +21,17 @@ summary keys of the own block for fixed) counted once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from effattn.api import register
 from effattn.masks import elementwise
 from effattn.mechanisms._layout import (
-    band_layout, block_bounds, check_int, check_same_length, compact_layout, engine_flops, merge_parts,
-    n_blocks, permuted_block_attention, range_candidates,
+    band_full_slots, band_layout, block_bounds, check_int, check_same_length, compact_layout,
+    engine_flops, n_blocks, range_candidates,
 )
-from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.mechanisms._union import EnginePart, permuted_part, union_attention
 from effattn.softmax import stat_dtype
 
 SPARSE_OPTIONS = {"stride": 128, "block_size": 64, "per_head": False}
@@ -49,10 +51,11 @@ def _check(stride, block_size, per_head, summary=None):
 # ---------------------------------------------------------------- the engine passes
 
 
-def _run(q, k, v, kv_blocks, block, *, causal, exclude_self, k_valid, pair_mask, need_lse):
-    return block_sparse_attention(q, k, v, kv_blocks, block_q=block, block_k=block,
-                                  scale=1.0, causal=causal, exclude_self=exclude_self,
-                                  k_valid=k_valid, pair_mask=pair_mask, need_lse=need_lse)
+def _local_part(layout, block, *, causal, exclude_self, k_valid, pair_mask, full_slots=None):
+    """A1 (the band / block-diagonal part) as an engine part on the original order."""
+    return EnginePart(layout, dict(block_q=block, block_k=block, scale=1.0, causal=causal,
+                                   exclude_self=exclude_self, k_valid=k_valid,
+                                   pair_mask=pair_mask, full_slots=full_slots))
 
 
 def _strided_local_layout(N, stride, block, causal, device):
@@ -104,14 +107,13 @@ def _residue_layout(stride, per_class, causal, device):
     return compact_layout(allowed, cand)[None, None]
 
 
-def _strided_residue_pass(q, k, v, stride, block, *, causal, exclude_self, padding_mask,
-                          skip_diagonal, need_lse):
-    """A2 of the strided pattern on residue-ordered tokens -> ``(out, lse)`` in original order."""
-    pos, layout, bm = _residue_plan(q.shape[2], stride, block, causal, q.device)
-    return permuted_block_attention(
-        q, k, v, pos, layout, bm, scale=1.0, causal=causal, exclude_self=exclude_self,
-        padding_mask=padding_mask, pair_mask=elementwise(lambda a, b: a != b) if skip_diagonal else None,
-        need_lse=need_lse)
+def _strided_residue_part(N, stride, block, *, causal, exclude_self, padding_mask, skip_diagonal,
+                          device):
+    """A2 of the strided pattern: an engine part on residue-ordered tokens."""
+    pos, layout, bm = _residue_plan(N, stride, block, causal, device)
+    return permuted_part(N, pos, layout, bm, padding_mask=padding_mask, scale=1.0, causal=causal,
+                         exclude_self=exclude_self,
+                         pair_mask=elementwise(lambda a, b: a != b) if skip_diagonal else None)
 
 
 def _fixed_local_layout(N, stride, block, causal, device):
@@ -129,16 +131,16 @@ def _summary_positions(N, stride, summary, device):
     return j[j % stride >= stride - summary]
 
 
-def _fixed_summary_pass(q, k, v, stride, summary, block, *, causal, exclude_self, padding_mask):
-    """A2 of the fixed pattern: every query over the gathered summary keys."""
-    idx = _summary_positions(q.shape[2], stride, summary, q.device)
+def _fixed_summary_part(N, stride, summary, block, *, causal, exclude_self, padding_mask, device):
+    """A2 of the fixed pattern: every query over the gathered summary keys (an engine part
+    on a key subset); None when no summary position exists."""
+    idx = _summary_positions(N, stride, summary, device)
     if idx.numel() == 0:
         return None
     valid = None if padding_mask is None else padding_mask[:, idx][:, None]
-    return block_sparse_attention(
-        q, k.index_select(2, idx), v.index_select(2, idx), None, block_q=block,
-        block_k=min(block, idx.numel()), scale=1.0, causal=causal, exclude_self=exclude_self,
-        k_pos=idx[None, None], k_valid=valid)
+    return EnginePart(None, dict(block_q=block, block_k=min(block, idx.numel()), scale=1.0,
+                                 causal=causal, exclude_self=exclude_self, k_pos=idx[None, None],
+                                 k_valid=valid), keys=idx)
 
 
 # ---------------------------------------------------------------- combining the two parts
@@ -164,6 +166,22 @@ def _prepare(q, k, v, scale, method):
     return q * scale, k, v  # the engine keeps bf16 matmuls in bf16, statistics in float32
 
 
+def _attend_parts(q, k, v, part1, part2, per_head, return_lse):
+    """The union of two disjoint parts (one autograd node: :func:`union_attention`), or
+    with ``per_head`` even heads through ``part1`` and odd heads through ``part2`` alone
+    (FlexAttention may serve those where no lse is needed)."""
+    if not per_head:
+        return union_attention(q, k, v, [p for p in (part1, part2) if p is not None])
+
+    def alone(part):
+        if part is not None:
+            return functools.partial(part.attend, need_lse=return_lse)
+        return lambda q, k, v: (q.new_zeros(*q.shape[:3], v.shape[-1]),
+                                torch.full(q.shape[:3], float("-inf"), dtype=stat_dtype(q.dtype),
+                                           device=q.device))
+    return _by_heads(q.shape[1], alone(part1), alone(part2), q, k, v)
+
+
 def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
                    stride=128, block_size=64, per_head=False):
     """Strided Sparse Transformer attention.
@@ -176,25 +194,17 @@ def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_q
     dtype = q.dtype
     q, k, v = _prepare(q, k, v, scale, "sparse_strided")
     N = q.shape[2]
-    kv = None if padding_mask is None else padding_mask[:, None]
     local = _strided_local_layout(N, stride, block_size, causal, q.device)
-
-    need_lse = return_lse or not per_head  # the union merges the two parts on their lse
-
-    def part1(q, k, v):
-        return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
-                    k_valid=kv, pair_mask=elementwise(lambda a, b: (a - b).abs() < stride),
-                    need_lse=need_lse)
-
-    def part2(q, k, v, skip_diagonal=False):
-        return _strided_residue_pass(q, k, v, stride, block_size, causal=causal,
-                                     exclude_self=shared_qk, padding_mask=padding_mask,
-                                     skip_diagonal=skip_diagonal, need_lse=need_lse)
-
-    if per_head:
-        out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
-    else:
-        out, lse = merge_parts(part1(q, k, v), part2(q, k, v, skip_diagonal=True))
+    # slots inside |i - j| < stride (and j <= i, causal) skip the pair rules
+    full = band_full_slots(local, N, block_size, stride - 1, 0 if causal else stride - 1)
+    part1 = _local_part(local, block_size, causal=causal, exclude_self=shared_qk,
+                        k_valid=None if padding_mask is None else padding_mask[:, None],
+                        pair_mask=elementwise(lambda a, b: (a - b).abs() < stride), full_slots=full)
+    # the union counts the diagonal (in both patterns) once: the residue part skips it
+    part2 = _strided_residue_part(N, stride, block_size, causal=causal, exclude_self=shared_qk,
+                                  padding_mask=padding_mask, skip_diagonal=not per_head,
+                                  device=q.device)
+    out, lse = _attend_parts(q, k, v, part1, part2, per_head, return_lse)
     return out.to(dtype), lse
 
 
@@ -209,33 +219,21 @@ def sparse_fixed(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
     dtype = q.dtype
     q, k, v = _prepare(q, k, v, scale, "sparse_fixed")
     N = q.shape[2]
-    kv = None if padding_mask is None else padding_mask[:, None]
     local = _fixed_local_layout(N, stride, block_size, causal, q.device)
     l, c = stride, summary
+    skip_summary = not per_head  # the union counts the own block's summary keys once
 
-    need_lse = return_lse or not per_head  # the union merges the two parts on their lse
+    @elementwise
+    def same_block(a, b):
+        same = torch.div(a, l, rounding_mode="floor") == torch.div(b, l, rounding_mode="floor")
+        return same & (b % l < l - c) if skip_summary else same
 
-    def part1(q, k, v, skip_summary=False):
-        @elementwise
-        def pm(a, b):
-            same = torch.div(a, l, rounding_mode="floor") == torch.div(b, l, rounding_mode="floor")
-            return same & (b % l < l - c) if skip_summary else same
-        return _run(q, k, v, local, block_size, causal=causal, exclude_self=shared_qk,
-                    k_valid=kv, pair_mask=pm, need_lse=need_lse)
-
-    def part2(q, k, v):
-        res = _fixed_summary_pass(q, k, v, l, c, block_size, causal=causal,
-                                  exclude_self=shared_qk, padding_mask=padding_mask)
-        if res is None:  # no summary position exists: nothing is attended
-            B, H = q.shape[:2]
-            return (q.new_zeros(B, H, N, v.shape[-1]),
-                    torch.full((B, H, N), float("-inf"), dtype=stat_dtype(q.dtype), device=q.device))
-        return res
-
-    if per_head:
-        out, lse = _by_heads(q.shape[1], part1, part2, q, k, v)
-    else:
-        out, lse = merge_parts(part1(q, k, v, skip_summary=True), part2(q, k, v))
+    part1 = _local_part(local, block_size, causal=causal, exclude_self=shared_qk,
+                        k_valid=None if padding_mask is None else padding_mask[:, None],
+                        pair_mask=same_block)
+    part2 = _fixed_summary_part(N, l, c, block_size, causal=causal, exclude_self=shared_qk,
+                                padding_mask=padding_mask, device=q.device)
+    out, lse = _attend_parts(q, k, v, part1, part2, per_head, return_lse)
     return out.to(dtype), lse
 
 

@@ -15,9 +15,10 @@ import torch
 
 from effattn.api import register
 from effattn.mechanisms._layout import (
-    block_bounds, check_int, check_same_length, compact_layout, diff_range, engine_flops,
-    has_multiple, lookup, merge_parts, n_blocks, per_head, permuted_block_attention, range_candidates,
+    band_full_slots, block_bounds, check_int, check_same_length, compact_layout, diff_range, engine_flops,
+    has_multiple, lookup, merge_parts, n_blocks, per_head, range_candidates,
 )
+from effattn.mechanisms._union import permuted_block_attention
 from effattn.masks import elementwise
 from effattn.mechanisms.blocksparse import block_sparse_attention
 
@@ -56,11 +57,8 @@ def longformer_full_slots(layout: torch.Tensor, N: int, window: int, dil: torch.
     """Bool like ``layout [1, H|1, nqb, S]``: slots whose every (query, key) pair is in the
     window (``|i - j| <= window`` and, causal, ``j <= i``) — only with dilation 1, where
     every difference is a multiple."""
-    qb = torch.arange(layout.shape[2], device=layout.device)[:, None]
-    lo, hi = diff_range(N, block, block, qb, layout.clamp(min=0))
     W = int(window * dil.max())
-    full = (layout >= 0) & (hi <= W) & (lo >= (0 if causal else -W))
-    return full & bool((dil == 1).all())
+    return band_full_slots(layout, N, block, W, 0 if causal else W) & bool((dil == 1).all())
 
 
 def _global_index(global_tokens, B: int, N: int, device):
