@@ -143,6 +143,9 @@ def test_tiny_run_writes_results_report_and_plots(tmp_path):
         assert c["time_s"]["median"] > 0
         assert isinstance(c["peak_mem_bytes"], int) and c["peak_mem_bytes"] >= 0
         assert c["flops"] > 0 and c["efficiency"] > 0
+        # efficiency divides by the matmul rate measured in the case's own process
+        assert c["matmul_gflops"] > 0
+        assert c["efficiency"] == pytest.approx(c["gflops_per_s"] / c["matmul_gflops"])
         assert c["ratio_to_sdpa"] > 0
     assert all(c["ratio_to_sdpa"] == 1.0 for c in data["cases"] if c["label"] == "full")
     acc = data["accuracy"]

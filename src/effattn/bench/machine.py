@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from effattn.bench.measure import matmul_rate
+from effattn.bench.measure import MATMUL_PROBE_N, matmul_rate
 
 
 def cpu_model() -> str:
@@ -40,6 +40,6 @@ def machine_info(device: str = "cpu", threads: int = 0, measure: bool = True) ->
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     if measure:
-        info["matmul_n"] = 2048
-        info["matmul_gflops"] = matmul_rate(2048, device=device)
+        info["matmul_n"] = MATMUL_PROBE_N
+        info["matmul_gflops"] = matmul_rate(MATMUL_PROBE_N, device=device)
     return info

@@ -163,7 +163,8 @@ def time_case(task: dict) -> dict:
     (lsh's workspace) is freed before the memory call, so its peak counts it; that call then
     re-faults the scratch and is not one of the timed ones (its time: ``memory_call_s``).
     Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float,
-    "memory_call_s": float,
+    "memory_call_s": float, "matmul_gflops": float`` (:func:`matmul_rate` measured in the
+    case's process right after its timed calls),
     "backend": "engine" | "flexattention" | both joined by "+" | None (no block-sparse call)}``.
     """
     dev, dtype, backward = task["device"], TORCH_DTYPES[task["dtype"]], task["backward"]
@@ -211,7 +212,11 @@ def time_case(task: dict) -> dict:
         call()
         times.append(time.perf_counter() - t0)
     used = sorted(b for b, n in BACKEND_CALLS.items() if n > calls_before.get(b, 0))
-    return {"status": "ok", "times": times, "peak_mem_bytes": int(peak),
+    # the machine's matmul rate in this process right after the timed calls: the shared VM
+    # swings +-30 % between minutes, so a run-wide probe taken minutes earlier would move
+    # the efficiency column with the minute the case happened to run in
+    probe = matmul_rate(MATMUL_PROBE_N, device=dev)
+    return {"status": "ok", "times": times, "peak_mem_bytes": int(peak), "matmul_gflops": probe,
             "first_call_s": memory_call if first is None else first,
             "memory_call_s": memory_call,
             # block-sparse methods: which engine backend ran the timed calls (else None)
@@ -353,7 +358,11 @@ def run_inline(task: dict) -> dict:
     return c.r
 
 
-def matmul_rate(n: int = 2048, repeats: int = 3, device: str = "cpu") -> float:
+#: side of the square fp32 product whose rate is "the machine's matmul rate"
+MATMUL_PROBE_N = 2048
+
+
+def matmul_rate(n: int = MATMUL_PROBE_N, repeats: int = 3, device: str = "cpu") -> float:
     """Measured fp32 matmul rate of this machine in GFLOP/s (best of ``repeats`` ``n x n`` products)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device)

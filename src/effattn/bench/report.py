@@ -60,6 +60,13 @@ def _err_cell(acc: dict, label: str, n_acc: Optional[int], family: str) -> str:
     return cell
 
 
+def _probe_span(results: dict) -> str:
+    rates = [c["matmul_gflops"] for c in results["cases"] if c.get("matmul_gflops")]
+    if not rates:
+        return "no case reported one"
+    return f"{min(rates):.0f}–{max(rates):.0f} GFLOP/s over this run's cases"
+
+
 def render(results: dict) -> str:
     """The whole ``report.md`` text."""
     cfg, mach = results["config"], results["machine"]
@@ -69,8 +76,9 @@ def render(results: dict) -> str:
     lines += [
         f"- machine: {mach['cpu_model']}, {mach['cpu_count']} CPUs, {mach['torch_threads']} torch threads, "
         f"device `{mach['device']}`, torch {mach['torch_version']}, Python {mach['python_version']}",
-        f"- measured fp32 matmul rate ({mach.get('matmul_n')}²): **{mach.get('matmul_gflops', 0):.1f} GFLOP/s** "
-        "(the denominator of *efficiency*)",
+        f"- measured fp32 matmul rate ({mach.get('matmul_n')}²) at the start: **{mach.get('matmul_gflops', 0):.1f} "
+        "GFLOP/s**; each case's *efficiency* divides by the rate measured in its own process right "
+        f"after its timed calls ({_probe_span(results)}; `results.json`: `matmul_gflops` per case)",
         f"- inputs: B={cfg['batch']}, H={cfg['heads']}, D={cfg['dim']}, Dv={cfg['dim_v'] or cfg['dim']}, "
         f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'non-causal'}, "
         f"{'forward+backward' if cfg['backward'] else 'forward only (no_grad)'}",
@@ -87,7 +95,7 @@ def render(results: dict) -> str:
         "CUDA calls without lse; switch with `EFFATTN_FLEX=off|auto|on`)",
         "- FLOPs: each method's registry formula (forward"
         + (", ×3 for forward+backward" if cfg["backward"] else "") + "); peers use their matched "
-        "method's formula; efficiency = achieved FLOP/s ÷ measured matmul rate",
+        "method's formula; efficiency = achieved FLOP/s ÷ the case's measured matmul rate",
         f"- error: relative error ‖o − o_ref‖/‖o_ref‖ per query row vs exact attention (`full` in "
         f"float64), mean over rows, at N = {', '.join(map(str, acc_ns)) or '—'} "
         f"(families: {', '.join(cfg['accuracy_families'])}); random methods: median (min–max) over "
