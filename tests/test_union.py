@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from effattn.mechanisms._layout import band_layout, merge_parts
 from effattn.mechanisms._union import EnginePart, permuted_part, union_attention
+from effattn.mechanisms.blocksparse import BACKEND_CALLS
 from tests.helpers import finite_lse, rand_qkv, random_padding
 
 
@@ -39,7 +40,9 @@ def test_union_equals_autograd_through_the_merge_of_its_parts(N, block, causal, 
     q, k, v = rand_qkv(2, 2, N, D=4, Dv=3, seed=seed, grad=True)
     pm = random_padding(2, N, seed=seed) if pad else None
     parts = _parts(N, block, causal, pm, seed, min(n_keys, N))
+    before = BACKEND_CALLS["engine"]
     out, lse = union_attention(q, k, v, parts)
+    assert BACKEND_CALLS["engine"] == before + 1  # reported as the engine's work
     ref, ref_lse = merge_parts(*[p.attend(q, k, v) for p in parts])
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)

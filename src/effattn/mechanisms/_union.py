@@ -27,7 +27,8 @@ import torch
 
 from effattn.mechanisms._layout import flat_rows, take_rows
 from effattn.mechanisms.blocksparse import (
-    RecomputedAttention, block_sparse_attention, block_sparse_backward, block_sparse_forward,
+    BACKEND_CALLS, RecomputedAttention, block_sparse_attention, block_sparse_backward,
+    block_sparse_forward,
 )
 from effattn.softmax import merge_pair_
 
@@ -176,6 +177,7 @@ def union_attention(q, k, v, parts: Sequence[EnginePart]):
     [B,H,N,D]``, ``k``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv]`` in q's dtype, ``lse
     [B,H,N])``.  Rows with no allowed key in any part give 0 and ``-inf``."""
     parts = list(parts)
+    BACKEND_CALLS["engine"] += 1  # the bench reports which backend ran
     out, lse = RecomputedAttention.apply(q, k, v, functools.partial(_union_forward, parts),
                                          functools.partial(_union_backward, parts))
     return out.to(q.dtype), lse
