@@ -16,7 +16,9 @@ Both components run through the block-sparse engine so that the cost is the pape
 reordered by residue ``i mod l`` (each residue class is a run of blocks that sees
 itself); fixed A2 runs over the gathered summary keys.  The two parts are merged on
 their log-sum-exp, the pairs both patterns contain (the diagonal for strided, the
-summary keys of the own block for fixed) counted once.
+summary keys of the own block for fixed) counted once, as one autograd node whose backward
+runs each part's engine backward with the union's statistics
+(:func:`effattn.mechanisms._union.union_attention`).
 """
 
 from __future__ import annotations
