@@ -93,3 +93,16 @@ def test_fast_exp_matches_exp_in_place_with_a_broadcast_shift(rows, cols, seed, 
     xg = x.detach().clone().requires_grad_(True)
     exp_(xg * 1.0, shift).sum().backward()
     torch.testing.assert_close(xg.grad.double(), ref, rtol=2 * rel, atol=0)
+
+
+def test_exp_gradients_fused_and_through_a_shift_that_requires_grad():
+    """exp_'s one-pass backward (grad * result) passes gradcheck; a shift that requires grad
+    is differentiated too (through the composed operations)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(3, 1, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: exp_(a * 1.0, shift), (x,))
+    s = shift.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: exp_(a * 1.0, b), (x, s))
+    y = exp_(x.detach().float() * 1.0)  # no grad: plain in-place values
+    assert not y.requires_grad

@@ -549,7 +549,9 @@ def performer_logits(x: torch.Tensor, w: torch.Tensor, r: float = 1.0) -> torch.
     ``x [B,H,N,D]``, ``w [M, D]`` -> ``[B,H,N,M]``.  ``r`` is folded into ``w`` and the
     norm term, so no scaled copy of ``x`` is made (or kept for backward); the result is a
     fresh tensor shifted in place (matmul's backward needs only its inputs)."""
-    return torch.matmul(x, (w * r).T).sub_((0.5 * r * r) * x.pow(2).sum(-1, keepdim=True))
+    # adding the negated norm term: its gradient is then a sum of the incoming gradient,
+    # not a full-size negation first (SubBackward) and the sum
+    return torch.matmul(x, (w * r).T).add_((-0.5 * r * r) * x.pow(2).sum(-1, keepdim=True))
 
 
 def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bool,
