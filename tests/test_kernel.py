@@ -326,7 +326,7 @@ def test_contract_errors():
     assert effattn.api.spec("performer").flops(1, 1, 128, 128, 16, 16, True) > 0
 
 
-@pytest.mark.parametrize("method,opts", [("linear", {}), ("taylor", {}),
+@pytest.mark.parametrize("method,opts", [("linear", {}), ("taylor", {}), ("efficient", {}),
                                          ("performer", {"n_features": 5}),
                                          ("performer", {"n_features": 3, "kernel": "trig"})])
 def test_streamed_gradients_across_many_chunks(monkeypatch, method, opts):
@@ -348,6 +348,48 @@ def test_streamed_gradients_across_many_chunks(monkeypatch, method, opts):
     q2 = q.detach()
     assert torch.autograd.gradcheck(lambda k, v: f(q2, k, v), (k, v))
     assert torch.autograd.gradcheck(lambda v: f(q2, k.detach(), v), (v,))
+
+
+@given(Nq=st.integers(1, 23), Nk=st.integers(1, 23), rows=st.integers(1, 9), pad=st.booleans(),
+       empty=st.booleans(), t=st.sampled_from([0.3, 1.0, 4.0]), seed=st.integers(0, 9999))
+def test_efficient_stream_equals_dense_with_gradients(Nq, Nk, rows, pad, empty, t, seed):
+    """Shen et al.'s attention streamed over chunks of ``rows`` positions (its own forward
+    and backward) equals autograd through the dense formula: output and the gradients of
+    q, k and v (padding, a batch row with no real key, large temperatures)."""
+    from effattn.mechanisms import kernel
+
+    q, k, v = rand_qkv(2, 2, Nq, Nk, 5, 3, seed=seed, grad=True)
+    pm = random_padding(2, Nk, seed=seed, empty_row=1 if empty else None) if pad else None
+    g = torch.randn(2, 2, Nq, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ref = ref_efficient(q * 3, k * 3, v, False, pm, t * t)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "_stream_rows", lambda B, H, M, n, budget=0: rows)
+        out = effattn.attention(q * 3, k * 3, v, "efficient", padding_mask=pm, scale=t * t)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, torch.nan_to_num(b), atol=1e-11, rtol=1e-9)
+
+
+def test_linear_features_match_elu_plus_one():
+    """The exp2-based elu + 1 equals torch's in value and gradient (float32 within exp2's
+    error, float64 exactly formed), at 0, at the extremes and for NaN."""
+    from effattn.mechanisms.kernel import linear_features
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-15)):
+        x = torch.cat([torch.randn(1000, dtype=dtype) * 4,
+                       torch.tensor([0.0, -0.0, -80.0, 60.0, float("-inf"), float("inf")], dtype=dtype)])
+        x.requires_grad_(True)
+        y = linear_features(x)
+        ref = F.elu(x) + 1
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+        g = torch.randn_like(x)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                                   rtol=tol, atol=tol)
+    assert linear_features(torch.tensor([float("nan")])).isnan().all()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_features, (x,))
 
 
 def test_performer_projection_gets_gradients(monkeypatch):
