@@ -168,6 +168,28 @@ def test_segment_means_uneven_and_padded():
     assert ne.tolist() == [[True, False, True]]
 
 
+@given(N=st.integers(1, 40), S=st.integers(1, 40), pad=st.booleans(), seed=st.integers(0, 9999))
+def test_segment_means_equal_a_loop_over_segments_with_gradients(N, S, pad, seed):
+    """Divisible (reshaped sum) or not (index_add): the mean of each segment
+    ``{n : floor(n S / N) = s}`` over its real tokens, padded contents never read, and
+    gradcheck through both paths."""
+    assume(S <= N)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, N, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    valid = random_padding(2, N, seed=seed) if pad else None
+    xp = x if valid is None else x.masked_fill(~valid[:, None, :, None], float("nan"))
+    means, ne = segment_means(xp, S, valid)
+    seg = torch.arange(N) * S // N
+    for s in range(S):
+        cols = seg == s
+        m = cols[None].expand(2, N) if valid is None else valid & cols[None]
+        for b in range(2):
+            assert bool(ne[min(b, ne.shape[0] - 1), s]) == bool(m[b].any())
+            ref = x[b, :, m[b]].mean(1) if m[b].any() else torch.zeros(3, 4, dtype=torch.float64)
+            torch.testing.assert_close(means[b, :, s], ref, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: segment_means(t, S, valid)[0], (x,))
+
+
 def test_iterative_pinv_converges_to_pinv():
     g = torch.Generator().manual_seed(0)
     A = torch.softmax(torch.randn(3, 6, 6, generator=g, dtype=torch.float64), -1)

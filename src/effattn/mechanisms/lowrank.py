@@ -161,16 +161,28 @@ def segment_means(x: torch.Tensor, n_segments: int, valid: Optional[torch.Tensor
     counting only real tokens (``valid`` bool ``[B, N]`` or None).
 
     Returns ``(means [B, H, S, D], nonempty bool [B|1, S])``; an all-padding segment's
-    mean is zero and ``nonempty`` False there.
+    mean is zero and ``nonempty`` False there.  One pass over ``x``: a reshaped sum when
+    ``S`` divides ``N``, else an ``index_add`` by segment (a one-hot ``[S, N]`` matmul took
+    20x as long and copied ``x`` for its layout).
     """
-    N = x.shape[2]
-    seg = torch.arange(N, device=x.device) * n_segments // N
-    P = F.one_hot(seg, n_segments).T.to(x.dtype)[None]  # [1, S, N]
-    if valid is not None:
-        P = P * valid[:, None, :].to(x.dtype)
-    cnt = P.sum(-1)  # [B|1, S]
-    P = P / cnt.clamp_min(1.0)[..., None]
-    return torch.einsum("bsn,bhnd->bhsd", P, x), cnt > 0
+    B, H, N, D = x.shape
+    S = n_segments
+
+    def seg_sum(t: torch.Tensor, dim: int) -> torch.Tensor:  # sum over dim's segments
+        if N % S == 0:
+            return t.unflatten(dim, (S, N // S)).sum(dim + 1)
+        seg = torch.arange(N, device=t.device) * S // N
+        shape = list(t.shape)
+        shape[dim] = S
+        return t.new_zeros(shape).index_add_(dim, seg, t)
+
+    if valid is None:
+        cnt = seg_sum(torch.ones(1, N, dtype=x.dtype, device=x.device), 1)  # [1, S]
+    else:
+        x = x.masked_fill(~valid[:, None, :, None], 0.0)
+        cnt = seg_sum(valid.to(x.dtype), 1)  # [B, S]
+    means = seg_sum(x, 2) / cnt.clamp_min(1.0)[:, None, :, None]
+    return means, cnt > 0
 
 
 def iterative_pinv(K: torch.Tensor, iters: int) -> torch.Tensor:
@@ -227,24 +239,25 @@ def nystrom_attention(q, k, v, *, causal=False, padding_mask=None, scale, return
         if Nq != Nk:
             raise ValueError(f"conv_weight: the value convolution needs Nq == Nk, got {Nq} and {Nk}")
     cdt = stat_dtype(q.dtype)
-    r = math.sqrt(scale)
-    qs = q.to(cdt) * r
-    ks = _zero_padded(k.to(cdt), padding_mask) * r
+    # the scale enters only the score products (no scaled full-size copies of q and k:
+    # fresh N x D tensors cost more in page faults here than the products they feed)
+    qs = q.to(cdt)
+    ks = _zero_padded(k.to(cdt), padding_mask)
     vs = _zero_padded(v.to(cdt), padding_mask)
     L = min(n_landmarks, Nq, Nk)
     q_valid = padding_mask if (padding_mask is not None and Nq == Nk) else None
     ql, q_ne = segment_means(qs, L, q_valid)
     kl, k_ne = segment_means(ks, L, padding_mask)
     k_cols = k_ne[:, None, None, :]  # [B|1, 1, 1, L]
-    k2, _ = softmax_lse(torch.matmul(ql, kl.transpose(-1, -2)).masked_fill(~k_cols, float("-inf")))
+    k2, _ = softmax_lse((torch.matmul(ql, kl.transpose(-1, -2)) * scale).masked_fill(~k_cols, float("-inf")))
     q_rows = q_ne[:, None, :, None].to(cdt)  # empty query landmarks contribute nothing
     k2 = k2 * q_rows
     # softmax(Q̃ K^T) V and softmax(Q K̃^T) W are attention products: fused SDPA, so neither
     # the [L, Nk] nor the [Nq, L] kernel matrix is materialized
     k3v = masked_sdpa(ql, ks, vs, None if padding_mask is None else padding_mask[:, None, None, :],
-                      1.0) * q_rows  # [B, H, L, Dv]
+                      scale) * q_rows  # [B, H, L, Dv]
     w = torch.matmul(iterative_pinv(k2, pinv_iters), k3v)  # [B, H, L, Dv]
-    out = masked_sdpa(qs, kl, w, k_cols, 1.0)
+    out = masked_sdpa(qs, kl, w, k_cols, scale)
     if conv_weight is not None:
         ks_ = conv_weight.shape[1]
         w = conv_weight.to(device=q.device, dtype=cdt)[:, None, :, None]  # [H, 1, ks, 1]
