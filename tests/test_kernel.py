@@ -405,11 +405,49 @@ def test_performer_projection_gets_gradients(monkeypatch):
         lambda w: effattn.attention(q, k, v, "performer", projection=w, padding_mask=pm), (w,))
 
 
-def test_streamed_backward_twice_needs_retain_graph():
-    """Each chunk's graph is freed during backward unless the graph is retained: a second
-    backward then fails as plain autograd does; with retain_graph it gives the same grads."""
+@given(Nq=st.integers(1, 19), Nk=st.integers(1, 19), rows=st.integers(1, 7), pad=st.booleans(),
+       empty=st.booleans(), big=st.booleans(), seed=st.integers(0, 9999))
+def test_stream_maps_with_own_backward_equal_the_autograd_graph_path(Nq, Nk, rows, pad, empty, big, seed):
+    """Performer-softmax and linear maps with their own chunk backward (features
+    recomputed, keys against the final maximum) give the same output and q/k/v/projection
+    gradients as the same maps run through per-chunk autograd graphs (chunks of ``rows``
+    positions, padding, a batch row without keys, key logits spread over ~60 nats so the
+    running maximum rises from chunk to chunk)."""
+    from effattn.mechanisms import kernel
+
+    q, k, v = rand_qkv(2, 2, Nq, Nk, 4, 3, seed=seed, grad=True)
+    k = (k * (4.0 if big else 1.0)).detach().requires_grad_(True)
+    pm = random_padding(2, Nk, seed=seed, empty_row=1 if empty else None) if pad else None
+    w = performer_projection(6, 4, seed=seed, redraw=False).double().requires_grad_(True)
+    g = torch.randn(2, 2, Nq, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    vz = kernel.zero_padded(v, pm)
+    cases = {
+        "performer": ((kernel.PerformerSoftmaxMap(0.7, True), kernel.PerformerSoftmaxMap(0.7, False)),
+                      (lambda x, w_: kernel.performer_features(x, w_, "softmax", True, 0.7)[0],
+                       lambda x, w_: (None, kernel.performer_logits(x, w_, 0.7))), (w,), 6),
+        "linear": ((kernel.LinearMap(True), kernel.LinearMap(False)),
+                   (kernel.linear_features, lambda x: (kernel.linear_features(x), None)), (), 4),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "_stream_rows", lambda B, H, M, n, budget=0: rows)
+        for own, graph, params, M in cases.values():
+            inputs = (q, k, v, *params)
+            res = []
+            for maps in (own, graph):
+                out = kernel.streamed_feature_attention((q,), (k,), vz, *maps, n_features=M,
+                                                        padding_mask=pm, params=params)
+                res.append((out, torch.autograd.grad(out, inputs, g, retain_graph=True)))
+            torch.testing.assert_close(res[0][0], res[1][0], atol=1e-12, rtol=1e-10)
+            for a, b in zip(res[0][1], res[1][1]):
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["linear", "taylor"])  # own chunk backward / chunk graphs
+def test_streamed_backward_twice_needs_retain_graph(method):
+    """What backward needs is freed unless the graph is retained: a second backward then
+    fails as plain autograd does; with retain_graph it gives the same grads."""
     q, k, v = rand_qkv(1, 2, 9, 9, 3, 2, grad=True)
-    out = effattn.attention(q, k, v, "linear")
+    out = effattn.attention(q, k, v, method)
     g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     g2 = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(g1, g2):

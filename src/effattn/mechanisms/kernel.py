@@ -106,6 +106,26 @@ def _raise_running_max(c: Optional[torch.Tensor], row_max: torch.Tensor,
     return c_new, c_safe, rescale
 
 
+class StreamMap:
+    """A feature map for :func:`streamed_feature_attention` with its own chunk backward:
+    the stream then keeps no autograd graph and no features for backward — it recomputes
+    each chunk's features there (a cache-sized matmul is cheaper on this CPU than first
+    touching the fresh memory that would hold them: about 0.3 ms a MB) and writes the
+    input gradients straight into whole-length buffers.
+
+    ``__call__(*x_parts, *params)``: as the plain callables (a query map returns
+    ``phi [B, H, r, M]``; a key map ``(psi, None)`` or ``(None, log_k)``), called without
+    gradients.  ``backward(x_parts, params, feat, dfeat, rows, p_grads)``: ``feat`` is the
+    chunk's feature tensor as the stream used it (for keys: stabilized, exponentiated and
+    with padded rows zero), ``dfeat`` its gradient (may be overwritten); writes each
+    part's input gradient into ``rows[i]`` (``[B, H, r, ·]`` views, None = not needed)
+    and adds parameter gradients to ``p_grads[j]`` (None = none yet); a parameter that
+    does not require grad is skipped."""
+
+    def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
+        raise NotImplementedError
+
+
 def streamed_feature_attention(
     q_inputs: tuple,
     k_inputs: tuple,
@@ -136,17 +156,24 @@ def streamed_feature_attention(
     against a running maximum ``c`` (the stored sum is rescaled by ``exp(c_old - c_new)``
     when it grows — the constant cancels in the ratio, so ``c`` is gradient-free), so no
     ``N x M`` feature tensor ever exists; then each query chunk is one matmul
-    ``phi(q) S`` giving numerator and normalizer together.  With gradients, each chunk's
-    feature map keeps its own small autograd graph (its features, as a plain autograd
-    pass would) and the backward writes each chunk's input gradients straight into
-    whole-length buffers: no per-chunk gradient copies concatenated at the end, no
-    ``[N, Dv + 1]`` products kept (first-order gradients only).
+    ``phi(q) S`` giving numerator and normalizer together.  With gradients and both maps
+    :class:`StreamMap` objects, the backward recomputes each chunk's features (keys against
+    the final ``c``) and calls the maps' own backward; otherwise each chunk's feature map
+    keeps its own small autograd graph (its features, as a plain autograd pass would)
+    and the backward writes each chunk's input gradients straight into whole-length
+    buffers.  Either way no per-chunk gradient copies are concatenated at the end and no
+    ``[N, Dv + 1]`` products are kept (first-order gradients only).
     """
     tensors = (*q_inputs, *k_inputs, v, *params)
     spec = (len(q_inputs), len(k_inputs), q_map, k_map, n_features, padding_mask)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _StreamedFeatures.apply(spec, *tensors)
     return _stream(spec, tensors, keep=False)[0]
+
+
+def _explicit(spec) -> bool:
+    """Whether both maps of ``spec`` have their own backward (:class:`StreamMap`)."""
+    return isinstance(spec[2], StreamMap) and isinstance(spec[3], StreamMap)
 
 
 def _leaves(parts, keep: bool):
@@ -156,46 +183,59 @@ def _leaves(parts, keep: bool):
     return [t.detach().requires_grad_(t.requires_grad) for t in parts]
 
 
+def _split(tensors, rows: int):
+    """``tensors [B, H, N, ...]`` cut into chunks of ``rows`` positions -> per chunk
+    ``(start, views)``."""
+    return enumerate(zip(*[t.split(rows, dim=2) for t in tensors]))
+
+
+def _key_features(psi, log_k, c_safe, valid):
+    """One key chunk's features as the stream sums them: ``psi [B, H, r, M]`` times
+    ``exp(log_k [B, H, r] - c_safe [B, H, 1])``, or ``exp(log_k [B, H, r, M] - c_safe)``
+    (in place on ``log_k``) when ``psi`` is None, or ``psi`` itself when ``log_k`` is
+    None; padded rows (``valid [B, 1, r]`` False) zero."""
+    if log_k is None:
+        return psi if valid is None else psi.masked_fill(~valid[..., None], 0.0)
+    if psi is None:  # features in log form: exponentiated in place
+        if valid is not None:
+            log_k = log_k.masked_fill_(~valid[..., None], float("-inf"))
+        return exp_(log_k, c_safe[..., None])
+    expo = log_k - c_safe
+    if valid is not None:
+        expo = expo.masked_fill(~valid, float("-inf"))
+    return psi * torch.exp(expo)[..., None]
+
+
 def _stream(spec, tensors, keep: bool):
     """The streamed computation of :func:`streamed_feature_attention` -> ``(out, state)``;
     with ``keep``, ``state`` holds what :class:`_StreamedFeatures` needs for backward
-    (each chunk's graph from its own leaves; ``S``; the normalizers)."""
+    (``S``, the normalizers and the final key maximum; for maps without their own
+    backward, each chunk's graph from its own leaves)."""
     nq, nk, q_map, k_map, n_features, padding_mask = spec
     q_inputs, k_inputs = tensors[:nq], tensors[nq:nq + nk]
     v, params = tensors[nq + nk], tensors[nq + nk + 1:]
     B, H, Nk, Dv = v.shape
     Nq = q_inputs[0].shape[2]
-    p_leaves = _leaves(params, keep)
-    grad_ctx = torch.enable_grad() if keep else contextlib.nullcontext()
-    S = c = None
+    graphs = keep and not _explicit(spec)
+    p_leaves = _leaves(params, graphs)
+    grad_ctx = torch.enable_grad() if graphs else contextlib.nullcontext()
+    S = c = c_safe = None
     k_chunks = []  # per chunk: (part with its graph, leaves (k inputs, v), rescale)
     R = _stream_rows(B, H, n_features, Nk)
-    for i, (*k_parts, v_part) in enumerate(zip(*[t.split(R, dim=2) for t in k_inputs], v.split(R, dim=2))):
+    for i, (*k_parts, v_part) in _split((*k_inputs, v), R):
         s0 = i * R
-        e = s0 + v_part.shape[2]
-        leaves = _leaves((*k_parts, v_part), keep)
-        valid = None if padding_mask is None else padding_mask[:, None, s0:e]  # [B, 1, r]
+        leaves = _leaves((*k_parts, v_part), graphs)
+        valid = None if padding_mask is None else padding_mask[:, None, s0:s0 + v_part.shape[2]]
         rescale = None
         with grad_ctx:
             psi, log_k = k_map(*leaves[:-1], *p_leaves)
             if log_k is not None:
                 row_max = log_k.detach().amax(-1) if psi is None else log_k.detach()  # [B, H, r]
                 c, c_safe, rescale = _raise_running_max(c, row_max, valid, S is not None)
-                if psi is None:  # features given in log form: exp(log_k) elementwise, [B, H, r, M]
-                    expo = log_k - c_safe[..., None]  # one new tensor, exponentiated in place
-                    if valid is not None:
-                        expo = expo.masked_fill_(~valid[..., None], float("-inf"))
-                    psi = exp_(expo)
-                else:
-                    expo = log_k - c_safe
-                    if valid is not None:
-                        expo = expo.masked_fill(~valid, float("-inf"))
-                    psi = psi * torch.exp(expo)[..., None]
-            elif valid is not None:
-                psi = psi.masked_fill(~valid[..., None], 0.0)
+            psi = _key_features(psi, log_k, c_safe, valid)
             part = torch.cat([torch.matmul(psi.transpose(-1, -2), leaves[-1]),
                               psi.sum(-2)[..., None]], dim=-1)  # [B, H, M, Dv + 1]
-        if keep:
+        if graphs:
             k_chunks.append((part, leaves, rescale))
             part = part.detach()
         if S is None:
@@ -207,14 +247,15 @@ def _stream(spec, tensors, keep: bool):
     out = v.new_empty(B, H, Nq, Dv)
     if S is None:  # no keys at all
         return out.zero_(), None
-    dens, q_chunks = [], []
+    den_all = v.new_empty(B, H, Nq) if keep else None
+    q_chunks = []
     Rq = _stream_rows(B, H, n_features, Nq)
-    for i, q_parts in enumerate(zip(*[t.split(Rq, dim=2) for t in q_inputs])):
+    for i, q_parts in _split(q_inputs, Rq):
         s0 = i * Rq
-        leaves = _leaves(q_parts, keep)
+        leaves = _leaves(q_parts, graphs)
         with grad_ctx:
             phi_q = q_map(*leaves, *p_leaves)
-        if keep:
+        if graphs:
             q_chunks.append((phi_q, leaves))
             phi_q = phi_q.detach()
         nd = torch.matmul(phi_q, S)  # [B, H, r, Dv + 1]
@@ -226,10 +267,10 @@ def _stream(spec, tensors, keep: bool):
                          out=out[:, :, s0:s0 + Rq])
         rows.masked_fill_(empty, 0.0)
         if keep:
-            dens.append(den.clone())  # not a view: nd itself is not kept
+            den_all[:, :, s0:s0 + Rq] = den
     state = None
     if keep:
-        state = dict(S=S, den=torch.cat(dens, 2), k_chunks=k_chunks, q_chunks=q_chunks,
+        state = dict(S=S, den=den_all, c=c_safe, k_chunks=k_chunks, q_chunks=q_chunks,
                      p_leaves=p_leaves, Rq=Rq, R=R)
     return out, state
 
@@ -261,6 +302,56 @@ def _chunk_grads(output, leaves, p_leaves, grad, bufs, p_grads, s0, retain):
                 p_grads[j] = g if p_grads[j] is None else p_grads[j] + g
 
 
+def _num_den_grad(g, out_rows, den):
+    """Gradient of ``[num, den]`` (``[B, H, r, Dv + 1]``) from ``g = d out [B, H, r, Dv]``
+    for ``out = num / den`` (0 where ``den [B, H, r]`` is 0): ``d num = g / den``,
+    ``d den = -(g · out) / den``, both 0 where ``den`` is 0."""
+    empty = den == 0
+    inv = torch.where(empty, torch.zeros_like(den), 1.0 / torch.where(empty, torch.ones_like(den), den))
+    g_nd = g.new_empty(*g.shape[:-1], g.shape[-1] + 1)
+    torch.mul(g, inv[..., None], out=g_nd[..., :-1])
+    torch.mul(torch.linalg.vecdot(g, out_rows), inv, out=g_nd[..., -1]).neg_()
+    return g_nd
+
+
+def _rows(bufs, s0: int, r: int):
+    """Rows ``s0:s0+r`` of each whole-length buffer (None stays None)."""
+    return [None if b is None else b[:, :, s0:s0 + r] for b in bufs]
+
+
+def _explicit_backward(spec, tensors, st, out, dout, bufs, p_grads):
+    """Backward of the stream for :class:`StreamMap` maps: features recomputed chunk by
+    chunk (keys against the final maximum ``c``, so ``S`` needs no rescale chain), input
+    gradients written into ``bufs`` (per tensor of ``tensors``; None = not needed)."""
+    nq, nk, q_map, k_map, n_features, padding_mask = spec
+    q_inputs, k_inputs = tensors[:nq], tensors[nq:nq + nk]
+    v, params = tensors[nq + nk], tensors[nq + nk + 1:]
+    B, H, Nk, Dv = v.shape
+    S, den = st["S"], st["den"]
+    want_p = any(p.requires_grad for p in params)
+    dS = torch.zeros_like(S)
+    for i, q_parts in _split(q_inputs, st["Rq"]):
+        s0, r = i * st["Rq"], q_parts[0].shape[2]
+        phi = q_map(*q_parts, *params)
+        g_nd = _num_den_grad(dout[:, :, s0:s0 + r], out[:, :, s0:s0 + r], den[:, :, s0:s0 + r])
+        dS += torch.matmul(phi.transpose(-1, -2), g_nd)
+        rows = _rows(bufs[:nq], s0, r)
+        if want_p or any(x is not None for x in rows):
+            q_map.backward(q_parts, params, phi, torch.matmul(g_nd, S.transpose(-1, -2)), rows, p_grads)
+    dA, dz = dS[..., :Dv], dS[..., Dv:].transpose(-1, -2)  # [B, H, M, Dv], [B, H, 1, M]
+    R = st["R"]
+    for i, (*k_parts, v_part) in _split((*k_inputs, v), R):
+        s0, r = i * R, v_part.shape[2]
+        valid = None if padding_mask is None else padding_mask[:, None, s0:s0 + r]
+        psi = _key_features(*k_map(*k_parts, *params), st["c"], valid)
+        *rows, dv = _rows(bufs[nq:nq + nk + 1], s0, r)
+        if dv is not None:  # part = psi^T [v, 1]: dv = psi dA
+            torch.matmul(psi, dA, out=dv) if dv.is_contiguous() else dv.copy_(torch.matmul(psi, dA))
+        if want_p or any(x is not None for x in rows):  # d psi = v dA^T + dz
+            dpsi = torch.matmul(v_part, dA.transpose(-1, -2)).add_(dz)
+            k_map.backward(k_parts, params, psi, dpsi, rows, p_grads)
+
+
 class _StreamedFeatures(torch.autograd.Function):
     """:func:`streamed_feature_attention` with gradients (see there); inputs
     ``(spec, *q_inputs, *k_inputs, v, *params)``."""
@@ -270,13 +361,13 @@ class _StreamedFeatures(torch.autograd.Function):
         out, state = _stream(spec, tensors, keep=True)
         ctx.spec, ctx.state = spec, state
         ctx.shapes = [(t.shape, t.dtype, t.device, t.requires_grad) for t in tensors]
-        ctx.save_for_backward(out)
+        ctx.save_for_backward(out, *(tensors if _explicit(spec) else ()))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        (out,) = ctx.saved_tensors
+        out, *tensors = ctx.saved_tensors
         st, (nq, nk) = ctx.state, ctx.spec[:2]
         bufs = [torch.empty(sh, dtype=dt, device=dev) if rg else None
                 for sh, dt, dev, rg in ctx.shapes]
@@ -284,47 +375,50 @@ class _StreamedFeatures(torch.autograd.Function):
             return (None, *[None if b is None else b.zero_() for b in bufs])
         n_par = len(bufs) - nq - nk - 1
         p_grads = [None] * n_par
-        # without retain_graph each chunk's graph is freed as soon as it is done
-        retain = _keep_graph()
-        S, den, Dv = st["S"], st["den"], out.shape[-1]
-        dS = torch.zeros_like(S)
-        Rq = st["Rq"]
-        # last chunk first, as for the keys: freed in reverse order of allocation, the
-        # chunks' memory can go back to the system as it is released
-        for i in range(len(st["q_chunks"]) - 1, -1, -1):
-            phi_q, leaves = st["q_chunks"][i]
-            s0 = i * Rq
-            g = dout[:, :, s0:s0 + Rq].to(out.dtype)
-            d = den[:, :, s0:s0 + Rq]
-            empty = d == 0
-            inv = torch.where(empty, torch.zeros_like(d), 1.0 / torch.where(empty, torch.ones_like(d), d))
-            # out = num / den (0 where den = 0): d num = g / den, d den = -(g . out) / den
-            g_nd = torch.cat([g * inv[..., None],
-                              (-(g * out[:, :, s0:s0 + Rq]).sum(-1) * inv)[..., None]], dim=-1)
-            phi = phi_q.detach()
-            dS += torch.matmul(phi.transpose(-1, -2), g_nd)
-            if phi_q.requires_grad:
-                _chunk_grads(phi_q, leaves, st["p_leaves"], torch.matmul(g_nd, S.transpose(-1, -2)),
-                             bufs[:nq], p_grads, s0, retain)
-            if not retain:
-                st["q_chunks"][i] = None
-        R = st["R"]
-        for i in range(len(st["k_chunks"]) - 1, -1, -1):
-            part, leaves, rescale = st["k_chunks"][i]
-            if part.requires_grad:
-                _chunk_grads(part, leaves, st["p_leaves"], dS, bufs[nq:nq + nk + 1], p_grads, i * R,
-                             retain)
-            if rescale is not None:  # S_i = S_{i-1} * rescale + part_i
-                dS = dS * rescale[..., None]
-            if not retain:
-                st["k_chunks"][i] = None
-        if not retain:
-            ctx.state = None
+        dout = dout.to(out.dtype)
+        if _explicit(ctx.spec):
+            _explicit_backward(ctx.spec, tensors, st, out, dout, bufs, p_grads)
+        else:
+            _graph_backward(st, nq, nk, out, dout, bufs, p_grads)
+            if not _keep_graph():
+                ctx.state = None
         for j, g in enumerate(p_grads):
             b = bufs[nq + nk + 1 + j]
             if b is not None:
                 b.copy_(g) if g is not None else b.zero_()
         return (None, *bufs)
+
+
+def _graph_backward(st, nq, nk, out, dout, bufs, p_grads):
+    """Backward of the stream through each chunk's kept autograd graph (maps without
+    their own backward)."""
+    # without retain_graph each chunk's graph is freed as soon as it is done
+    retain = _keep_graph()
+    S, den = st["S"], st["den"]
+    dS = torch.zeros_like(S)
+    Rq = st["Rq"]
+    # last chunk first, as for the keys: freed in reverse order of allocation, the
+    # chunks' memory can go back to the system as it is released
+    for i in range(len(st["q_chunks"]) - 1, -1, -1):
+        phi_q, leaves = st["q_chunks"][i]
+        s0 = i * Rq
+        g_nd = _num_den_grad(dout[:, :, s0:s0 + Rq], out[:, :, s0:s0 + Rq], den[:, :, s0:s0 + Rq])
+        dS += torch.matmul(phi_q.detach().transpose(-1, -2), g_nd)
+        if phi_q.requires_grad:
+            _chunk_grads(phi_q, leaves, st["p_leaves"], torch.matmul(g_nd, S.transpose(-1, -2)),
+                         bufs[:nq], p_grads, s0, retain)
+        if not retain:
+            st["q_chunks"][i] = None
+    R = st["R"]
+    for i in range(len(st["k_chunks"]) - 1, -1, -1):
+        part, leaves, rescale = st["k_chunks"][i]
+        if part.requires_grad:
+            _chunk_grads(part, leaves, st["p_leaves"], dS, bufs[nq:nq + nk + 1], p_grads, i * R,
+                         retain)
+        if rescale is not None:  # S_i = S_{i-1} * rescale + part_i
+            dS = dS * rescale[..., None]
+        if not retain:
+            st["k_chunks"][i] = None
 
 
 def feature_map_attention(
@@ -497,6 +591,23 @@ def linear_features(x: torch.Tensor) -> torch.Tensor:
     """Katharopoulos et al.: ``elu(x) + 1`` (positive), ``[..., D] -> [..., D]``; NaN
     stays NaN."""
     return _EluPlusOne.apply(x)
+
+
+class LinearMap(StreamMap):
+    """``elu + 1`` (:func:`linear_features`) as a :class:`StreamMap` for queries
+    (``is_query``) or keys; its backward is ``dfeat · min(feat, 1)`` (0 on padded keys,
+    whose features the stream zeroed)."""
+
+    def __init__(self, is_query: bool):
+        self.is_query = is_query
+
+    def __call__(self, x):
+        f = linear_features(x)
+        return f if self.is_query else (f, None)
+
+    def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
+        if rows[0] is not None:
+            torch.mul(dfeat, feat.clamp_max_(1.0), out=rows[0])
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -712,6 +823,33 @@ def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bo
     return psi, (None if is_query else (0.5 * r * r) * x.pow(2).sum(-1))
 
 
+class PerformerSoftmaxMap(StreamMap):
+    """FAVOR+ positive features of ``r·x`` (:func:`performer_features`, ``"softmax"``)
+    as a :class:`StreamMap`: queries return the features stabilized by their own maximum,
+    keys the logits ``u`` (log form) for the stream to stabilize.  Both backwards are
+    ``du = dfeat ⊙ feat`` (the features are ``exp(u - const)``) followed by the logits'
+    ``dx = du (r W) - r² x rowsum(du)`` and ``dW = r duᵀ x``; inputs ``(x, W [M, D])``."""
+
+    def __init__(self, r: float, is_query: bool):
+        self.r, self.is_query = r, is_query
+
+    def __call__(self, x, w):
+        if self.is_query:
+            return performer_features(x, w, "softmax", is_query=True, r=self.r)[0]
+        return None, performer_logits(x, w, self.r)
+
+    def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
+        (x,), (w,), (dx,) = x_parts, params, rows
+        du = dfeat.mul_(feat)  # [B, H, r, M]
+        if dx is not None:
+            wr = (w * self.r).expand(du.shape[0] * du.shape[1], *w.shape)
+            torch.bmm(du.flatten(0, 1), wr, out=dx.flatten(0, 1))
+            dx.addcmul_(x, du.sum(-1, keepdim=True), value=-self.r * self.r)
+        if w.requires_grad:
+            dw = torch.matmul(du.transpose(-1, -2), x).sum((0, 1)).mul_(self.r)
+            p_grads[0] = dw if p_grads[0] is None else p_grads[0].add_(dw)
+
+
 # --------------------------------------------------------------------------- methods
 
 def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
@@ -725,14 +863,16 @@ def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
     return 2.0 * B * H * (intra + states)
 
 
-def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk):
+def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk, maps=None):
     """One feature map ``phi`` (``[..., D] -> [..., M]``, the same for queries and keys)
-    through the shared path: causal on whole feature tensors, non-causal streamed."""
+    through the shared path: causal on whole feature tensors, non-causal streamed (with
+    ``maps = (query map, key map)`` when given, e.g. :class:`StreamMap` objects)."""
     if causal:
         return feature_map_attention(phi(q), phi(k), v, causal=True, padding_mask=padding_mask,
                                      chunk=chunk)
-    return streamed_feature_attention((q,), (k,), v, phi, lambda x: (phi(x), None),
-                                      n_features=M, padding_mask=padding_mask)
+    q_map, k_map = maps or (phi, lambda x: (phi(x), None))
+    return streamed_feature_attention((q,), (k,), v, q_map, k_map, n_features=M,
+                                      padding_mask=padding_mask)
 
 
 def _prep(q, k, v, padding_mask):
@@ -746,7 +886,8 @@ def linear_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     temperature: ``scale`` does not change the result."""
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
-    out = _apply_map(linear_features, qc, kc, vc, q.shape[-1], causal, padding_mask, chunk)
+    out = _apply_map(linear_features, qc, kc, vc, q.shape[-1], causal, padding_mask, chunk,
+                     maps=(LinearMap(is_query=True), LinearMap(is_query=False)))
     return out.to(q.dtype), None
 
 
@@ -817,10 +958,13 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
         out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
                                     k_log=k_log, chunk=chunk)
     else:
+        if kernel == "softmax":
+            maps = (PerformerSoftmaxMap(r, is_query=True), PerformerSoftmaxMap(r, is_query=False))
+        else:
+            maps = (lambda x, w_: performer_features(x, w_, kernel, is_query=True, r=r)[0],
+                    lambda x, w_: performer_features(x, w_, kernel, is_query=False, r=r))
         out = streamed_feature_attention(
-            (qc,), (kc,), vc, lambda x, w_: performer_features(x, w_, kernel, is_query=True, r=r)[0],
-            (lambda x, w_: (None, performer_logits(x, w_, r))) if kernel == "softmax"
-            else (lambda x, w_: performer_features(x, w_, kernel, is_query=False, r=r)),
+            (qc,), (kc,), vc, *maps,
             n_features=w.shape[0] * (2 if kernel == "trig" else 1), padding_mask=padding_mask,
             params=(w,))
     return out.to(q.dtype), None
