@@ -81,3 +81,55 @@ def test_union_only_lse_used_and_bf16_inputs():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     out.float().sum().backward()
     assert all(t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all() for t in (qb, kb, vb))
+
+
+def _embed(o, l, a, N):
+    """A part's rows ``a:a+r`` placed in full-length (out, lse): zeros / -inf elsewhere."""
+    B, H, r = l.shape
+    zo = o.new_zeros(B, H, N, o.shape[-1])
+    zl = l.new_full((B, H, N), float("-inf"))
+    return (torch.cat([zo[:, :, :a], o, zo[:, :, a + r:]], 2),
+            torch.cat([zl[:, :, :a], l, zl[:, :, a + r:]], 2))
+
+
+@settings(deadline=None, max_examples=40)
+@given(N=st.integers(2, 40), block=st.sampled_from([1, 2, 4]), causal=st.booleans(), pad=st.booleans(),
+       cuts=st.lists(st.integers(0, 40), min_size=6, max_size=6), seed=st.integers(0, 99))
+def test_union_of_query_row_pieces(N, block, causal, pad, cuts, seed):
+    """Parts on query-row ranges and key prefixes (``q_rows``, ``k_stop``, as BigBird's
+    global and other rows): rows covered once are copied, rows covered twice merged, rows
+    no part covers give 0 and -inf; outputs, lse and gradients equal autograd through
+    each part alone placed in its rows and merged."""
+    q, k, v = rand_qkv(2, 2, N, D=4, Dv=3, seed=seed, grad=True)
+    pm = random_padding(2, N, seed=seed) if pad else None
+    c = [x % (N + 1) for x in cuts]
+    (a1, b1), (a2, b2), (a3, b3) = (sorted(c[i:i + 2]) for i in (0, 2, 4))
+    a2 = a2 // block * block  # the layout part's rows start on a block
+    b2 = max(b2, a2 + 1) if a2 < N else N
+    parts = []
+    opts = dict(block_q=block, block_k=block, scale=0.5, causal=causal)
+    for a, b, ks in ((a1, b1, max(1, c[5])), (a3, b3, N)):  # dense, over a key prefix
+        if b > a:
+            kv = None if pm is None else pm[:, None, :ks]
+            parts.append(EnginePart(None, dict(opts, q_pos=torch.arange(a, b)[None, None], k_valid=kv),
+                                    q_rows=(a, b), k_stop=ks))
+    if b2 > a2:  # a block layout: each query block sees key blocks 0 and its own index
+        nqb, nkb = -(-(b2 - a2) // block), -(-N // block)
+        own = (a2 // block + torch.arange(nqb)).clamp(max=nkb - 1)
+        layout = torch.stack([torch.zeros(nqb, dtype=torch.long), own], -1)
+        layout[:, 1][own == 0] = -1  # block 0 listed once
+        kv = None if pm is None else pm[:, None]
+        parts.append(EnginePart(layout[None, None], dict(opts, q_pos=torch.arange(a2, b2)[None, None],
+                                                         k_valid=kv), q_rows=(a2, b2)))
+    if not parts:
+        return
+    out, lse = union_attention(q, k, v, parts)
+    ref, ref_lse = merge_parts(*[_embed(*p.attend(q, k, v), p.q_rows[0], N) for p in parts])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
+    g = torch.Generator().manual_seed(seed + 1)
+    go, gl = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    ga = torch.autograd.grad((out * go).sum() + (finite_lse(lse) * gl).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * go).sum() + (finite_lse(ref_lse) * gl).sum(), (q, k, v))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-9)

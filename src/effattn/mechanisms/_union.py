@@ -10,11 +10,13 @@ N = 16,384 the merge, permutation and gradient-sum passes were a third of
 union's own ``out`` and ``lse``, FlashAttention's backward of each part (``P = exp(S -
 lse)``, ``D = rowsum(dO * O) - dlse``) is exactly that part's share of the gradient, so
 :func:`union_attention` runs each part's engine backward with the union's statistics and
-adds the results.  The parts must cover disjoint (query, key) pairs.
+adds the results.  The parts must cover disjoint (query, key) pairs.  Every part adds its gradient into one
+set of buffers (the engine writes straight into them where no reordering is involved).
 
 An :class:`EnginePart` is one engine layout, optionally on reordered tokens (``rows``, a
-permutation with padding slots: residue classes, 2-D windows) or on a gathered subset of
-the keys (``keys``: summary keys).
+permutation with padding slots: residue classes, 2-D windows), on a gathered subset of
+the keys (``keys``: summary keys), or on a range of the queries and a prefix of the keys
+(``q_rows``, ``k_stop``: BigBird's global rows and the rest, each with its own layout).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_attention, block_sparse_backward,
     block_sparse_forward,
 )
-from effattn.softmax import merge_pair_
+from effattn.softmax import merge_pair_, stat_dtype
 
 
 @dataclass
@@ -46,7 +48,10 @@ class EnginePart:
       and marked in ``real``); ``back`` long ``[N]``: the slot of each original row;
       ``real`` bool ``[L]``;
     - ``keys`` long ``[M]``: the part's keys and values are original rows ``keys`` (the
-      queries are not reordered).
+      queries are not reordered);
+    - ``q_rows = (a, b)``: the part's queries are rows ``a:b`` only (``options`` give their
+      ``q_pos``); ``k_stop``: its keys and values are rows ``:k_stop`` (``options`` give
+      ``k_valid`` for those).  Not with ``rows``.
     """
 
     kv_blocks: Optional[torch.Tensor]
@@ -55,21 +60,35 @@ class EnginePart:
     back: Optional[torch.Tensor] = None
     real: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
+    q_rows: Optional[tuple] = None
+    k_stop: Optional[int] = None
+
+    def __post_init__(self):
+        if self.rows is not None and (self.q_rows is not None or self.k_stop is not None):
+            raise ValueError("EnginePart: reordered rows cannot be combined with q_rows / k_stop")
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        """The part's query rows of a per-query tensor ``[B, H, N, ...]``."""
+        return x if self.q_rows is None else x[:, :, self.q_rows[0]:self.q_rows[1]]
+
+    def _kv(self, x: torch.Tensor) -> torch.Tensor:
+        """The part's keys (or values) of ``x [B, H, N, F]``."""
+        if self.keys is not None:
+            return take_rows(x, self.keys[None, None])
+        return x if self.k_stop is None else x[:, :, :self.k_stop]
 
     def _inputs(self, q, k, v):
         if self.rows is not None:
             r = self.rows[None, None]
             return take_rows(q, r), take_rows(k, r), take_rows(v, r)
-        if self.keys is not None:
-            r = self.keys[None, None]
-            return q, take_rows(k, r), take_rows(v, r)
-        return q, k, v
+        return self._q(q), self._kv(k), self._kv(v)
 
     def _query_order(self, x: torch.Tensor, padding=None) -> torch.Tensor:
-        """Per-query tensor ``[B, H, N, ·]`` or ``[B, H, N]`` in the part's query order;
-        padding slots get the value ``padding`` (None: whatever row they repeat)."""
+        """Per-query tensor ``[B, H, N, ·]`` or ``[B, H, N]`` in the part's query order (its
+        rows only, with ``q_rows``); padding slots get the value ``padding`` (None:
+        whatever row they repeat)."""
         if self.rows is None:
-            return x
+            return self._q(x)
         y = take_rows(x, self.rows[None, None])
         if padding is not None and not bool(self.real.all()):
             y = y.masked_fill(~self.real.view(-1, *([1] * (y.dim() - 3))), padding)
@@ -81,44 +100,49 @@ class EnginePart:
     def attend(self, q, k, v, need_lse: bool = True):
         """The part alone, differentiable (FlexAttention where it serves): ``q [B,H,N,D]``,
         ``k``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv]`` in q's dtype, ``lse [B,H,N]`` or
-        None) in the original order."""
+        None) in the original order (the ``q_rows`` only, with those)."""
         out, lse = block_sparse_attention(*self._inputs(q, k, v), self.kv_blocks,
                                           need_lse=need_lse, **self.options)
         return self._original_order(out), None if lse is None else self._original_order(lse)
 
     def forward(self, q, k, v):
         """No-grad forward: ``(out [B,H,N,Dv], lse [B,H,N])`` in the statistics dtype,
-        original order."""
+        original order (the ``q_rows`` only, with those)."""
         out, lse = block_sparse_forward(*self._inputs(q, k, v), self.kv_blocks, **self.options)
         return self._original_order(out), self._original_order(lse)
 
-    def backward(self, q, k, v, out, lse, dout, dlse):
-        """This part's share ``(dq, dk, dv)`` (statistics dtype, shapes of q, k, v) of the
-        gradient of a union whose final ``out [B,H,N,Dv]``, ``lse [B,H,N]`` and their
-        gradients ``dout``, ``dlse`` (or None) are given."""
+    def backward(self, q, k, v, out, lse, dout, dlse, grads) -> None:
+        """Add this part's share of the gradient of a union whose final ``out [B,H,N,Dv]``,
+        ``lse [B,H,N]`` and their gradients ``dout``, ``dlse`` (or None) are given into
+        ``grads = [dq, dk, dv]`` (statistics dtype, shapes of q, k, v, contiguous)."""
         qp, kp, vp = self._inputs(q, k, v)
         # padding slots: zero output gradient and lse = +inf, so their probabilities (and
         # every gradient they would add to the real keys) are 0, not exp(S - lse of a
         # row they repeat), which can overflow
-        dq, dk, dv = block_sparse_backward(
-            qp, kp, vp, self._query_order(out), self._query_order(lse, float("inf")),
-            self._query_order(dout, 0.0),
-            None if dlse is None else self._query_order(dlse, 0.0),
-            self.kv_blocks, **self.options)
+        args = (qp, kp, vp, self._query_order(out), self._query_order(lse, float("inf")),
+                self._query_order(dout, 0.0), None if dlse is None else self._query_order(dlse, 0.0),
+                self.kv_blocks)
+        dq_acc, dk_acc, dv_acc = grads
+        if self.rows is None and self.keys is None:  # the engine adds into the buffers
+            block_sparse_backward(*args, acc=(self._q(dq_acc), self._kv(dk_acc), self._kv(dv_acc)),
+                                  **self.options)
+            return
+        dq, dk, dv = block_sparse_backward(*args, **self.options)
         if self.rows is not None:  # padding slots are masked keys: their gradients are 0
-            return self._original_order(dq), self._original_order(dk), self._original_order(dv)
-        if self.keys is not None:
-            return dq, _add_rows(k.shape, self.keys, dk), _add_rows(v.shape, self.keys, dv)
-        return dq, dk, dv
+            for acc, g in zip(grads, (dq, dk, dv)):
+                acc.add_(self._original_order(g))
+            return
+        self._q(dq_acc).add_(dq)
+        _add_rows_(dk_acc, self.keys, dk)
+        _add_rows_(dv_acc, self.keys, dv)
 
 
-def _add_rows(shape, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Zeros of ``shape [B, H, N, F]`` (``x``'s dtype) with ``x [B, H, M, F]`` added at
-    rows ``keys [M]`` (repeats add up)."""
-    B, H, N, F = shape
-    out = torch.zeros(B * H * N, F, dtype=x.dtype, device=x.device)
-    out.index_add_(0, flat_rows(keys[None, None], B, H, N), x.reshape(-1, F))
-    return out.view(B, H, N, F)
+def _add_rows_(dst: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> None:
+    """``dst [B, H, N, F]`` (contiguous) += ``x [B, H, M, F]`` at rows ``keys [M]`` (repeats
+    add up)."""
+    B, H, N, F = dst.shape
+    dst.view(B * H * N, F).index_add_(0, flat_rows(keys[None, None], B, H, N),
+                                      x.reshape(-1, F).to(dst.dtype))
 
 
 def permuted_part(N: int, pos: torch.Tensor, kv_blocks: torch.Tensor, block: int, *,
@@ -156,18 +180,33 @@ def permuted_block_attention(q, k, v, pos: torch.Tensor, kv_blocks: torch.Tensor
 
 
 def _union_forward(parts, q, k, v):
+    """Each part's rows merged on their log-sum-exp (copied where no earlier part has
+    any of them); rows no part covers stay 0 and ``-inf``."""
+    N = q.shape[2]
     out = lse = None
+    covered = []
     for part in parts:
         o, l = part.forward(q, k, v)
-        out, lse = (o, l) if out is None else merge_pair_(out, lse, o, l)
+        a, b = part.q_rows or (0, N)
+        if out is None and (a, b) == (0, N):
+            out, lse = o, l
+        else:
+            if out is None:
+                out = o.new_zeros(*q.shape[:3], o.shape[-1])
+                lse = l.new_full(q.shape[:3], float("-inf"))
+            if any(a < d and c < b for c, d in covered):
+                merge_pair_(out[:, :, a:b], lse[:, :, a:b], o, l)
+            else:
+                out[:, :, a:b] = o
+                lse[:, :, a:b] = l
+        covered.append((a, b))
     return out, lse
 
 
 def _union_backward(parts, q, k, v, out, lse, dout, dlse):
-    grads = None
+    grads = [torch.zeros(x.shape, dtype=stat_dtype(x.dtype), device=x.device) for x in (q, k, v)]
     for part in parts:
-        g = part.backward(q, k, v, out, lse, dout, dlse)
-        grads = list(g) if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+        part.backward(q, k, v, out, lse, dout, dlse, grads)
     return grads
 
 

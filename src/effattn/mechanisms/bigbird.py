@@ -21,7 +21,8 @@ False has none, so its rows stay empty); the output keeps the N real rows.
 learns ``gq, gk, gv`` and also returns the global tokens' own outputs on request.
 
 Engine passes: non-global query blocks through the block layout, global query blocks
-densely over all keys, extra global keys densely (merged on log-sum-exp).
+densely over all keys (with gradients, the two as one autograd node), extra global keys
+densely (merged on log-sum-exp).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from effattn.mechanisms._layout import (
     check_int, check_same_length, compact_layout, engine_flops, merge_parts, n_blocks,
 )
 from effattn.mechanisms import _flex
+from effattn.mechanisms._union import EnginePart, union_attention
 from effattn.mechanisms.blocksparse import block_sparse_attention
 
 BIGBIRD_OPTIONS = {"block_size": 64, "n_window_blocks": 3, "n_global_blocks": 1,
@@ -148,35 +150,37 @@ def _one_layout(q, k, v, layouts, kv, run):
 
 
 def _row_pieces(q, k, v, layouts, spans, kv, run):
-    """Global query rows densely over every key, the others through the block layout
-    (``spans`` = first/middle/last row ranges; ``layouts(rows)`` -> (layout, full) of query
-    blocks ``rows``); returns ``(out, lse)`` in row order."""
+    """Global query rows densely over every key (causal: the first blocks over the first
+    blocks), the others through the block layout (``spans`` = first/middle/last row
+    ranges; ``layouts(rows)`` -> (layout, full) of query blocks ``rows``); returns ``(out,
+    lse)``.  With gradients the pieces are one autograd node
+    (:func:`~effattn.mechanisms._union.union_attention`: one set of gradient buffers, no
+    gathered or concatenated copies); without, each piece runs alone (FlexAttention where
+    it serves) and the rows are concatenated."""
     N = q.shape[2]
     bs = run["block_q"]
     first, mid, last = spans
     causal = run["causal"]
-    pieces = []
-    # global query rows: dense over every key (causal: the first blocks only see the first blocks)
-    grows = [r for r in (first, last) if r[1] > r[0]]
-    if grows:
-        rows = torch.cat([torch.arange(*r, device=q.device) for r in grows])
-        kend = first[1] if causal else N
-        go, gl = block_sparse_attention(
-            q.index_select(2, rows), k[:, :, :kend], v[:, :, :kend], None, q_pos=rows[None, None],
-            k_valid=None if kv is None else kv[..., :kend], **run)
-        n_first = first[1] - first[0]
-        pieces.append(("first", go[:, :, :n_first], None if gl is None else gl[:, :, :n_first]))
-        pieces.append(("last", go[:, :, n_first:], None if gl is None else gl[:, :, n_first:]))
-    if mid[1] > mid[0]:
-        layout, full = layouts((mid[0] // bs, n_blocks(mid[1], bs)))
-        rows = torch.arange(*mid, device=q.device)
-        mo, ml = block_sparse_attention(q[:, :, mid[0]:mid[1]], k, v, layout, q_pos=rows[None, None],
-                                        k_valid=kv, full_slots=full, **run)
-        pieces.append(("mid", mo, ml))
-    order = {"first": 0, "mid": 1, "last": 2}
-    pieces.sort(key=lambda p: order[p[0]])
-    out = torch.cat([p[1] for p in pieces], 2)
-    lse = None if any(p[2] is None for p in pieces) else torch.cat([p[2] for p in pieces], 2)
+    opts = {key: val for key, val in run.items() if key != "need_lse"}
+    parts = []
+    for rows in (first, mid, last):
+        if rows[1] <= rows[0]:
+            continue
+        q_pos = torch.arange(*rows, device=q.device)[None, None]
+        if rows is mid:
+            layout, full = layouts((mid[0] // bs, n_blocks(mid[1], bs)))
+            parts.append(EnginePart(layout, dict(opts, q_pos=q_pos, k_valid=kv, full_slots=full),
+                                    q_rows=rows))
+        else:  # global rows: dense over every key (causal: over the first blocks)
+            kend = first[1] if causal else N
+            parts.append(EnginePart(None, dict(opts, q_pos=q_pos,
+                                               k_valid=None if kv is None else kv[..., :kend]),
+                                    q_rows=rows, k_stop=kend))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return union_attention(q, k, v, parts)
+    pieces = [part.attend(q, k, v, run["need_lse"]) for part in parts]
+    out = torch.cat([o for o, _ in pieces], 2)
+    lse = None if any(l is None for _, l in pieces) else torch.cat([l for _, l in pieces], 2)
     return out, lse
 
 

@@ -364,16 +364,21 @@ def tile_gradients(pr, qt, kt, vt, dot, dt):
     return tile_matmul(ds_m, kt).to(cdt), torch.matmul(ds_m.transpose(-1, -2), qt), dvt
 
 
-def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
-    """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``.
+def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
+    """Recomputing backward: ``(dq, dk, dv)`` from saved ``q, k, v, out, lse``; with
+    ``acc = (dq, dk, dv)`` (statistics dtype, the padded shapes) added into those buffers
+    and returned.
 
     With ``P = exp(S - lse)`` and ``D_i = rowsum(dO * O) - dlse_i``:
     ``dV = P^T dO``, ``dS = P * (dO V^T - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
     """
     mdt, cdt = q.dtype, stat_dtype(q.dtype)  # matmul dtype (bf16 stays bf16), statistics dtype
-    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
-    dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    if acc is None:
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    else:
+        dq, dk, dv = acc
     delta = output_delta(dout, out, dlse)
     dout = dout.to(mdt)
     lse_s = safe_lse(lse)
@@ -400,7 +405,10 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse):
             else:
                 _scatter_blocks(dk, p.block_k, t.sparse_idx, dkt)
                 _scatter_blocks(dv, p.block_k, t.sparse_idx, dvt)
-        dq[:, :, rows] = _rows_flat(p, t0, dqt.mul_(p.scale))
+        if acc is None:
+            dq[:, :, rows] = _rows_flat(p, t0, dqt.mul_(p.scale))
+        else:
+            dq[:, :, rows] += _rows_flat(p, t0, dqt.mul_(p.scale))
     return dq, dk, dv
 
 
@@ -495,23 +503,36 @@ def block_sparse_forward(q, k, v, kv_blocks, **kw):
     return out[:, :, :q.shape[2]], lse[:, :, :q.shape[2]]
 
 
-def block_sparse_backward(q, k, v, out, lse, dout, dlse, kv_blocks, **kw):
+def block_sparse_backward(q, k, v, out, lse, dout, dlse, kv_blocks, *, acc=None, **kw):
     """Gradients ``(dq, dk, dv)`` (shapes of ``q, k, v``, statistics dtype) of attention
     restricted to ``kv_blocks`` given the *final* ``out [B, H, Nq, Dv]`` and
     ``lse [B, H, Nq]`` of each query row and their gradients ``dout`` / ``dlse`` (or
     None).  When ``lse`` is the log-sum-exp of a larger key set of which this layout is
-    one part (LSH rounds), the result is that part's share of the larger attention's
-    gradient: ``P = exp(S - lse)`` and ``D = rowsum(dout * out) - dlse`` are the larger
-    attention's.  Other arguments as :func:`block_sparse_attention`."""
+    one part (LSH rounds, unions), the result is that part's share of the larger
+    attention's gradient: ``P = exp(S - lse)`` and ``D = rowsum(dout * out) - dlse`` are
+    the larger attention's.  ``acc = (dq, dk, dv)`` (statistics dtype, shapes of q, k, v;
+    views are fine): the gradients are added into them (no full-size buffers of this
+    call's own when no padding is needed) and returned.  Other arguments as
+    :func:`block_sparse_attention`."""
     plan, qc, kc, vc = _prepare(q, k, v, kv_blocks, **kw)
     NQ = qc.shape[2]
     cdt = stat_dtype(qc.dtype)
     pad = functools.partial(_pad_rows, n=NQ)
     lse_p = _pad_last(lse.to(cdt), NQ, float("-inf"))
     dlse_p = None if dlse is None else _pad_last(dlse.to(cdt), NQ, 0.0)
+    # the engine adds straight into acc unless rows need padding (or a block scatter needs
+    # acc's key buffers flat)
+    direct = (acc is not None and NQ == q.shape[2] and kc.shape[2] == k.shape[2]
+              and (kv_blocks is None or (acc[1].is_contiguous() and acc[2].is_contiguous())))
     with torch.no_grad():
-        dq, dk, dv = _backward(plan, qc, kc, vc, pad(out.to(cdt)), lse_p, pad(dout.to(cdt)), dlse_p)
-    return dq[:, :, :q.shape[2]], dk[:, :, :k.shape[2]], dv[:, :, :v.shape[2]]
+        dq, dk, dv = _backward(plan, qc, kc, vc, pad(out.to(cdt)), lse_p, pad(dout.to(cdt)), dlse_p,
+                               acc=acc if direct else None)
+        if direct:
+            return acc
+        grads = dq[:, :, :q.shape[2]], dk[:, :, :k.shape[2]], dv[:, :, :v.shape[2]]
+        if acc is None:
+            return grads
+        return tuple(a.add_(g) for a, g in zip(acc, grads))
 
 
 def block_sparse_attention(
