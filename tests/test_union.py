@@ -33,6 +33,18 @@ def _parts(N, block, causal, pm, perm_seed, n_keys):
     return [band, perm, subset]
 
 
+def _assert_same_with_grads(out, lse, ref, ref_lse, inputs, seed):
+    """Outputs and lse equal, and so are the gradients of a random loss on both."""
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
+    g = torch.Generator().manual_seed(seed + 1)
+    go, gl = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    ga = torch.autograd.grad((out * go).sum() + (finite_lse(lse) * gl).sum(), inputs)
+    gb = torch.autograd.grad((ref * go).sum() + (finite_lse(ref_lse) * gl).sum(), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
 @settings(deadline=None, max_examples=40)
 @given(N=st.integers(2, 40), block=st.sampled_from([1, 2, 4, 8]), causal=st.booleans(),
        pad=st.booleans(), n_keys=st.integers(1, 6), seed=st.integers(0, 99))
@@ -44,14 +56,7 @@ def test_union_equals_autograd_through_the_merge_of_its_parts(N, block, causal, 
     out, lse = union_attention(q, k, v, parts)
     assert BACKEND_CALLS["engine"] == before + 1  # reported as the engine's work
     ref, ref_lse = merge_parts(*[p.attend(q, k, v) for p in parts])
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
-    g = torch.Generator().manual_seed(seed + 1)
-    go, gl = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
-    ga = torch.autograd.grad((out * go).sum() + (finite_lse(lse) * gl).sum(), (q, k, v))
-    gb = torch.autograd.grad((ref * go).sum() + (finite_lse(ref_lse) * gl).sum(), (q, k, v))
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    _assert_same_with_grads(out, lse, ref, ref_lse, (q, k, v), seed)
 
 
 def test_union_gradcheck():
@@ -125,11 +130,4 @@ def test_union_of_query_row_pieces(N, block, causal, pad, cuts, seed):
         return
     out, lse = union_attention(q, k, v, parts)
     ref, ref_lse = merge_parts(*[_embed(*p.attend(q, k, v), p.q_rows[0], N) for p in parts])
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
-    g = torch.Generator().manual_seed(seed + 1)
-    go, gl = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
-    ga = torch.autograd.grad((out * go).sum() + (finite_lse(lse) * gl).sum(), (q, k, v))
-    gb = torch.autograd.grad((ref * go).sum() + (finite_lse(ref_lse) * gl).sum(), (q, k, v))
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-9)
+    _assert_same_with_grads(out, lse, ref, ref_lse, (q, k, v), seed)
