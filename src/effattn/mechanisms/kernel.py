@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.api import register
+from effattn.mechanisms._scratch import Workspace
 from effattn.softmax import exp_, stat_dtype
 
 __all__ = [
@@ -113,9 +114,10 @@ class StreamMap:
     touching the fresh memory that would hold them: about 0.3 ms a MB) and writes the
     input gradients straight into whole-length buffers.
 
-    ``__call__(*x_parts, *params)``: as the plain callables (a query map returns
+    ``__call__(*x_parts, *params, out=None)``: as the plain callables (a query map returns
     ``phi [B, H, r, M]``; a key map ``(psi, None)`` or ``(None, log_k)``), called without
-    gradients.  ``backward(x_parts, params, feat, dfeat, rows, p_grads)``: ``feat`` is the
+    gradients; ``out`` is a contiguous ``[B, H, r, M]`` scratch tensor the map may write
+    its large result into (the stream reuses it for every chunk) or ignore.  ``backward(x_parts, params, feat, dfeat, rows, p_grads)``: ``feat`` is the
     chunk's feature tensor as the stream used it (for keys: stabilized, exponentiated and
     with padded rows zero), ``dfeat`` its gradient (may be overwritten); writes each
     part's input gradient into ``rows[i]`` (``[B, H, r, ·]`` views, None = not needed)
@@ -206,6 +208,29 @@ def _key_features(psi, log_k, c_safe, valid):
     return psi * torch.exp(expo)[..., None]
 
 
+def _feature_scratch(spec, ws: Workspace, B: int, H: int, M: int, like: torch.Tensor):
+    """``scratch(name, r)`` -> the keyword arguments giving a map of ``spec`` its output
+    buffer for a chunk of ``r`` positions: ``{"out": [B, H, r, M] from ws}`` for
+    :class:`StreamMap` maps, ``{}`` for plain callables."""
+    if not _explicit(spec):
+        return lambda name, r: {}
+    return lambda name, r: {"out": ws.get(name, (B, H, r, M), like)}
+
+
+def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``a [B, H, r, K] @ b`` (``b [K, F]`` or ``[B, H, K, F]``) written into ``out [B, H,
+    r, F]``, which may be rows of a larger buffer (one ``bmm`` over its view: no
+    temporary); returns ``out``."""
+    BH = a.shape[0] * a.shape[1]
+    try:
+        o3 = out.view(BH, *out.shape[2:])
+    except RuntimeError:  # rows whose batch dims do not merge: computed, then copied
+        return out.copy_(torch.matmul(a, b))
+    b3 = b.expand(BH, *b.shape) if b.dim() == 2 else b.reshape(BH, *b.shape[2:])
+    torch.bmm(a.reshape(BH, *a.shape[2:]), b3, out=o3)
+    return out
+
+
 def _stream(spec, tensors, keep: bool):
     """The streamed computation of :func:`streamed_feature_attention` -> ``(out, state)``;
     with ``keep``, ``state`` holds what :class:`_StreamedFeatures` needs for backward
@@ -217,6 +242,7 @@ def _stream(spec, tensors, keep: bool):
     B, H, Nk, Dv = v.shape
     Nq = q_inputs[0].shape[2]
     graphs = keep and not _explicit(spec)
+    scratch = _feature_scratch(spec, Workspace(), B, H, n_features, v)
     p_leaves = _leaves(params, graphs)
     grad_ctx = torch.enable_grad() if graphs else contextlib.nullcontext()
     S = c = c_safe = None
@@ -228,7 +254,7 @@ def _stream(spec, tensors, keep: bool):
         valid = None if padding_mask is None else padding_mask[:, None, s0:s0 + v_part.shape[2]]
         rescale = None
         with grad_ctx:
-            psi, log_k = k_map(*leaves[:-1], *p_leaves)
+            psi, log_k = k_map(*leaves[:-1], *p_leaves, **scratch("feat", v_part.shape[2]))
             if log_k is not None:
                 row_max = log_k.detach().amax(-1) if psi is None else log_k.detach()  # [B, H, r]
                 c, c_safe, rescale = _raise_running_max(c, row_max, valid, S is not None)
@@ -254,7 +280,7 @@ def _stream(spec, tensors, keep: bool):
         s0 = i * Rq
         leaves = _leaves(q_parts, graphs)
         with grad_ctx:
-            phi_q = q_map(*leaves, *p_leaves)
+            phi_q = q_map(*leaves, *p_leaves, **scratch("feat", q_parts[0].shape[2]))
         if graphs:
             q_chunks.append((phi_q, leaves))
             phi_q = phi_q.detach()
@@ -329,26 +355,29 @@ def _explicit_backward(spec, tensors, st, out, dout, bufs, p_grads):
     B, H, Nk, Dv = v.shape
     S, den = st["S"], st["den"]
     want_p = any(p.requires_grad for p in params)
+    ws = Workspace()  # each chunk's features and their gradient: the same memory every chunk
+    scratch = _feature_scratch(spec, ws, B, H, S.shape[-2], v)
     dS = torch.zeros_like(S)
     for i, q_parts in _split(q_inputs, st["Rq"]):
         s0, r = i * st["Rq"], q_parts[0].shape[2]
-        phi = q_map(*q_parts, *params)
+        phi = q_map(*q_parts, *params, **scratch("feat", r))
         g_nd = _num_den_grad(dout[:, :, s0:s0 + r], out[:, :, s0:s0 + r], den[:, :, s0:s0 + r])
         dS += torch.matmul(phi.transpose(-1, -2), g_nd)
         rows = _rows(bufs[:nq], s0, r)
         if want_p or any(x is not None for x in rows):
-            q_map.backward(q_parts, params, phi, torch.matmul(g_nd, S.transpose(-1, -2)), rows, p_grads)
+            dphi = torch.matmul(g_nd, S.transpose(-1, -2), **scratch("dfeat", r))
+            q_map.backward(q_parts, params, phi, dphi, rows, p_grads)
     dA, dz = dS[..., :Dv], dS[..., Dv:].transpose(-1, -2)  # [B, H, M, Dv], [B, H, 1, M]
     R = st["R"]
     for i, (*k_parts, v_part) in _split((*k_inputs, v), R):
         s0, r = i * R, v_part.shape[2]
         valid = None if padding_mask is None else padding_mask[:, None, s0:s0 + r]
-        psi = _key_features(*k_map(*k_parts, *params), st["c"], valid)
+        psi = _key_features(*k_map(*k_parts, *params, **scratch("feat", r)), st["c"], valid)
         *rows, dv = _rows(bufs[nq:nq + nk + 1], s0, r)
         if dv is not None:  # part = psi^T [v, 1]: dv = psi dA
-            torch.matmul(psi, dA, out=dv) if dv.is_contiguous() else dv.copy_(torch.matmul(psi, dA))
+            _matmul_into(psi, dA, dv)
         if want_p or any(x is not None for x in rows):  # d psi = v dA^T + dz
-            dpsi = torch.matmul(v_part, dA.transpose(-1, -2)).add_(dz)
+            dpsi = torch.matmul(v_part, dA.transpose(-1, -2), **scratch("dfeat", r)).add_(dz)
             k_map.backward(k_parts, params, psi, dpsi, rows, p_grads)
 
 
@@ -601,7 +630,7 @@ class LinearMap(StreamMap):
     def __init__(self, is_query: bool):
         self.is_query = is_query
 
-    def __call__(self, x):
+    def __call__(self, x, out=None):
         f = linear_features(x)
         return f if self.is_query else (f, None)
 
@@ -791,18 +820,21 @@ def performer_projection(n_features: int, dim: int, *, seed: int, redraw: bool,
     return w
 
 
-def performer_logits(x: torch.Tensor, w: torch.Tensor, r: float = 1.0) -> torch.Tensor:
+def performer_logits(x: torch.Tensor, w: torch.Tensor, r: float = 1.0,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Log of the positive FAVOR+ features of ``r·x``: ``w·(r x) - |r x|²/2``;
-    ``x [B,H,N,D]``, ``w [M, D]`` -> ``[B,H,N,M]``.  ``r`` is folded into ``w`` and the
-    norm term, so no scaled copy of ``x`` is made (or kept for backward); the result is a
-    fresh tensor shifted in place (matmul's backward needs only its inputs)."""
+    ``x [B,H,N,D]``, ``w [M, D]`` -> ``[B,H,N,M]`` (written into ``out``, contiguous
+    ``[B,H,N,M]``, when given; not differentiable then).  ``r`` is folded into ``w`` and
+    the norm term, so no scaled copy of ``x`` is made (or kept for backward); the result
+    is a fresh tensor shifted in place (matmul's backward needs only its inputs)."""
     # adding the negated norm term: its gradient is then a sum of the incoming gradient,
     # not a full-size negation first (SubBackward) and the sum
-    return torch.matmul(x, (w * r).T).add_((-0.5 * r * r) * x.pow(2).sum(-1, keepdim=True))
+    u = torch.matmul(x, (w * r).T) if out is None else torch.matmul(x, (w * r).T, out=out)
+    return u.add_((-0.5 * r * r) * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square())
 
 
 def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bool,
-                       r: float = 1.0):
+                       r: float = 1.0, out: Optional[torch.Tensor] = None):
     """FAVOR+ features of ``r·x`` (``x [B,H,N,D]``; ``r = scale ** 0.5``) for the
     projection ``w [M, D]``.  Returns ``(psi, log_scale)``: the features are
     ``exp(log_scale)[..., None] * psi``; for queries any per-query factor cancels in the
@@ -811,10 +843,12 @@ def performer_features(x: torch.Tensor, w: torch.Tensor, kind: str, is_query: bo
     - ``"softmax"``: ``exp(w·x - |x|²/2) / sqrt(M)`` (positive), ``psi [B,H,N,M]``,
       stabilized by the (gradient-free) max over features;
     - ``"trig"``: ``exp(|x|²/2) [sin(w·x), cos(w·x)] / sqrt(M)``, ``psi [B,H,N,2M]``.
-    The constant ``1/sqrt(M)`` cancels in the normalization and is dropped.
+    The constant ``1/sqrt(M)`` cancels in the normalization and is dropped.  ``out``
+    (``"softmax"`` only, no gradient): a contiguous ``[B,H,N,M]`` tensor ``psi`` is
+    written into.
     """
     if kind == "softmax":
-        u = performer_logits(x, w, r)
+        u = performer_logits(x, w, r, out=out)
         m = u.detach().amax(-1, keepdim=True)
         psi = exp_(u, m)  # in place: exp2_'s backward needs only its result
         return psi, (None if is_query else m[..., 0])
@@ -833,18 +867,17 @@ class PerformerSoftmaxMap(StreamMap):
     def __init__(self, r: float, is_query: bool):
         self.r, self.is_query = r, is_query
 
-    def __call__(self, x, w):
+    def __call__(self, x, w, out=None):
         if self.is_query:
-            return performer_features(x, w, "softmax", is_query=True, r=self.r)[0]
-        return None, performer_logits(x, w, self.r)
+            return performer_features(x, w, "softmax", is_query=True, r=self.r, out=out)[0]
+        return None, performer_logits(x, w, self.r, out=out)
 
     def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
         (x,), (w,), (dx,) = x_parts, params, rows
         du = dfeat.mul_(feat)  # [B, H, r, M]
         if dx is not None:
-            wr = (w * self.r).expand(du.shape[0] * du.shape[1], *w.shape)
-            torch.bmm(du.flatten(0, 1), wr, out=dx.flatten(0, 1))
-            dx.addcmul_(x, du.sum(-1, keepdim=True), value=-self.r * self.r)
+            _matmul_into(du, w * self.r, dx).addcmul_(x, du.sum(-1, keepdim=True),
+                                                      value=-self.r * self.r)
         if w.requires_grad:
             dw = torch.matmul(du.transpose(-1, -2), x).sum((0, 1)).mul_(self.r)
             p_grads[0] = dw if p_grads[0] is None else p_grads[0].add_(dw)

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 
 from effattn.api import register, shared_qk_keys
 from effattn.mechanisms._layout import check_int, check_same_length, flat_rows, take_rows
+from effattn.mechanisms._scratch import Workspace
 from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
@@ -360,44 +361,18 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
     return global_ids, torch.where(dup, torch.full_like(local, -1), local)
 
 
-class _Workspace:
-    """Named scratch buffers for the sorted copies, scores and outputs of LSH groups.
-
-    One per thread (:func:`_workspace`), kept between calls: a fresh multi-MB tensor is
-    page-faulted in every time it is allocated (measured on the 2-core VM: ~1.5 us a 4 KB
-    page, most of the copy and gather time at N = 2,048).  Its size is bounded by one
-    group's buffers (:data:`GROUP_GATHER_BYTES` of sorted copies plus its scores);
-    :func:`release_workspace` frees it.  Nothing handed out escapes a call: groups copy
-    their results into the call's own tensors."""
-
-    def __init__(self):
-        self._bufs = {}
-
-    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized contiguous tensor ``shape`` with ``like``'s dtype and device,
-        carved from the buffer ``name`` (grown when too small): the same memory as the
-        last request of ``name``."""
-        n = math.prod(shape)
-        key = (name, like.dtype, like.device)
-        b = self._bufs.get(key)
-        if b is None or b.numel() < n:
-            self._bufs.pop(key, None)  # free the old one before allocating its successor
-            b = self._bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
-        return b[:n].view(shape)
-
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
-
-
 _THREAD_STATE = threading.local()
 
 
-def _workspace() -> _Workspace:
-    """This thread's :class:`_Workspace` (created on first use)."""
+def _workspace() -> Workspace:
+    """This thread's LSH :class:`~effattn.mechanisms._scratch.Workspace` (created on first
+    use), kept between calls: its size is bounded by one group's buffers
+    (:data:`GROUP_GATHER_BYTES` of sorted copies plus its scores); nothing handed out
+    escapes a call (groups copy their results into the call's own tensors);
+    :func:`release_workspace` frees it."""
     ws = getattr(_THREAD_STATE, "workspace", None)
     if ws is None:
-        ws = _THREAD_STATE.workspace = _Workspace()
+        ws = _THREAD_STATE.workspace = Workspace()
     return ws
 
 
@@ -486,7 +461,7 @@ class _Sorted:
             self.k_valid.expand(*k_pos.shape[:2], self.seqlen), 2, k_pos)
         return q_pos, k_pos, kv, kv_blocks[None, None]
 
-    def window(self, first: int, count: int, B: int, H: int, ws: _Workspace) -> "_Group":
+    def window(self, first: int, count: int, B: int, H: int, ws: Workspace) -> "_Group":
         """The banded layout of chunks ``first .. first + count - 1`` for every (batch,
         head) at once (:class:`_Group`), built from slices of per-call tables
         (:class:`_WindowRows`, cyclic wrap included) into workspace buffers."""
@@ -578,7 +553,7 @@ class _Group:
     k_valid: Optional[torch.Tensor]  # like k_pos, bool (pad: False), with padding
 
 
-def _gather_rows(x: torch.Tensor, rows: torch.Tensor, ws: _Workspace, name: str,
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor, ws: Workspace, name: str,
                  pad: int = 0) -> torch.Tensor:
     """Rows ``rows [L]`` (flat indices) of ``x [B, H, n, F]`` (contiguous) -> ``[L + pad, F]``
     in the workspace buffer ``name``, the ``pad`` trailing rows zero."""
@@ -589,7 +564,7 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor, ws: _Workspace, name: str,
     return out
 
 
-def _group_queries_keys(g: _Sorted, grp: _Group, q, k, ws: _Workspace):
+def _group_queries_keys(g: _Sorted, grp: _Group, q, k, ws: Workspace):
     """A banded group's scaled query rows ``qv [U*C, D]`` (virtual layout) and key window
     ``kw [(U + S - 1) * C, D]`` (pad rows zero), from ``q, k [B, H, seqlen, D]``.
 
@@ -616,7 +591,7 @@ def _band(x: torch.Tensor, U: int, S: int, C: int) -> torch.Tensor:
                         x.storage_offset())
 
 
-def _unband(t: torch.Tensor, S: int, C: int, ws: _Workspace, name: str) -> torch.Tensor:
+def _unband(t: torch.Tensor, S: int, C: int, ws: Workspace, name: str) -> torch.Tensor:
     """Adjoint of :func:`_band`: ``t [U, S * C, F]`` summed back onto window rows
     ``[(U + S - 1) * C, F]`` (the workspace buffer ``name``)."""
     U, _, Fx = t.shape
@@ -626,7 +601,7 @@ def _unband(t: torch.Tensor, S: int, C: int, ws: _Workspace, name: str) -> torch
     return w
 
 
-def _band_scores(g: _Sorted, first: int, grp: _Group, qv, kw, ws: _Workspace):
+def _band_scores(g: _Sorted, first: int, grp: _Group, qv, kw, ws: Workspace):
     """Masked scores ``[U, C, S*C]`` (statistics dtype) of the group's virtual query chunks
     (``qv [U*C, D]``, already scaled) against their bands of the key windows ``kw
     [(U + S - 1) * C, D]``."""
@@ -657,7 +632,7 @@ def _band_scores(g: _Sorted, first: int, grp: _Group, qv, kw, ws: _Workspace):
     return s
 
 
-def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: _Workspace):
+def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: Workspace):
     """One group of sorted chunks forward: ``(rows [L], out [L, Dv], lse [L])`` — flat result
     rows (into a ``[B*H*seqlen + 1, ·]`` view whose last row is the spare row junk goes to)
     and the results (``out`` lives in the workspace until the next group)."""
@@ -679,7 +654,7 @@ def _group_forward(g: _Sorted, q, k, v, first: int, count: int, ws: _Workspace):
 
 
 def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: int, count: int,
-                    ws: _Workspace):
+                    ws: Workspace):
     """One group's share of the gradients: ``(q_rows, dq rows [L, D], k_rows, dk rows
     [M, D], dv rows [M, Dv])`` (statistics dtype) to add at flat query rows (into a
     ``[B*H*seqlen + 1, ·]`` view, last row spare) and key rows (``[B*H*seqlen, ·]``).
