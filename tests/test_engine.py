@@ -126,8 +126,8 @@ def test_engine_never_materializes_n_by_n(monkeypatch):
     sizes = []
     orig = bs._tile_scores
 
-    def spy(p, t, qt, kt):
-        s = orig(p, t, qt, kt)
+    def spy(p, t, qt, kt, ws=None):
+        s = orig(p, t, qt, kt, ws)
         sizes.append(s.numel())
         return s
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from effattn.masks import PairMask, apply_masks
 from effattn.mechanisms import _flex
+from effattn.mechanisms._scratch import Workspace
 from effattn.softmax import (
     exp_, online_finish, online_init, online_update, output_delta, safe_lse, softmax_lse_, stat_dtype)
 
@@ -118,9 +119,11 @@ def _batch_offsets(idx_shape, src_bh, nkb, device):
     return ((b[:, None] * Hs + h[None, :]) * nkb)[:, :, None, None]
 
 
-def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor) -> torch.Tensor:
+def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor, ws: Optional[Workspace] = None,
+                   name: str = "") -> torch.Tensor:
     """Gather key blocks: ``x [Bs, Hs, n*block, *F]``, ``idx [Bi, Hi, G, S]`` (>= 0) ->
-    ``[Bo, Ho, G, S*block, *F]`` with ``Bo = max(Bs, Bi)``, ``Ho = max(Hs, Hi)``."""
+    ``[Bo, Ho, G, S*block, *F]`` with ``Bo = max(Bs, Bi)``, ``Ho = max(Hs, Hi)`` (in the
+    workspace buffer ``name`` when ``ws`` is given)."""
     Bs, Hs, n = x.shape[0], x.shape[1], x.shape[2] // block
     feat = x.shape[3:]
     Bo, Ho = max(Bs, idx.shape[0]), max(Hs, idx.shape[1])
@@ -128,7 +131,10 @@ def _gather_blocks(x: torch.Tensor, block: int, idx: torch.Tensor) -> torch.Tens
     flat_idx = (_batch_offsets((Bo, Ho), (Bs, Hs), n, x.device) + idx).expand(Bo, Ho, G, S)
     # index_select on a 2-D view: several times faster than advanced indexing, and ~20x
     # faster than index_select on the same rows viewed as [n, block, F] (its slow path)
-    rows = x.reshape(Bs * Hs * n, block * math.prod(feat)).index_select(0, flat_idx.reshape(-1))
+    flat_idx = flat_idx.reshape(-1)
+    width = block * math.prod(feat)
+    out = None if ws is None else ws.get(name, (flat_idx.shape[0], width), x)
+    rows = torch.index_select(x.reshape(Bs * Hs * n, width), 0, flat_idx, out=out)
     return rows.view(Bo, Ho, G, S * block, *feat)
 
 
@@ -263,28 +269,37 @@ def _band_add_(dst: torch.Tensor, block: int, start: int, src: torch.Tensor) -> 
         dst[:, :, rows].view(B, H, G, block, Fx).add_(src[:, :, :, s * block:(s + 1) * block])
 
 
-def tile_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for tile tensors ``[.., r, x] @ [.., x, c]``; a 5-D band view ``b`` (its
-    batch dims do not merge) runs as one ``bmm`` per (batch, head) into one result instead
-    of ``matmul`` copying it (a band tile's keys: one matmul over views, no gather)."""
-    if b.dim() != 5 or b.shape[:2] != a.shape[:2] or b.stride(2) * b.shape[2] == b.stride(1):
-        return torch.matmul(a, b)
+def tile_matmul(a: torch.Tensor, b: torch.Tensor, ws: Optional[Workspace] = None,
+                name: str = "") -> torch.Tensor:
+    """``a @ b`` for tile tensors ``[.., r, x] @ [.., x, c]`` (in the workspace buffer
+    ``name`` when ``ws`` is given); a 5-D band view ``b`` (its batch dims do not merge) runs
+    as one ``bmm`` per (batch, head) into one result instead of ``matmul`` copying it (a
+    band tile's keys: one matmul over views, no gather)."""
+    band = not (b.dim() != 5 or b.shape[:2] != a.shape[:2] or b.stride(2) * b.shape[2] == b.stride(1))
+    out = None
+    if ws is not None:
+        shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        out = ws.get(name, shape, a if a.dtype == torch.result_type(a, b) else b)
+    if not band:
+        return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
     B, H = a.shape[:2]
-    out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=torch.result_type(a, b), device=a.device)
+    if out is None:
+        out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=torch.result_type(a, b), device=a.device)
     for i in range(B):
         for j in range(H):
             torch.bmm(a[i, j], b[i, j], out=out[i, j])
     return out
 
 
-def _tile_kv(p: _Plan, t: _Tile, k: torch.Tensor, v: torch.Tensor):
+def _tile_kv(p: _Plan, t: _Tile, k: torch.Tensor, v: torch.Tensor, ws: Optional[Workspace] = None):
+    """A tile's keys and values: slices, band views or gathered blocks (in ``ws``)."""
     if t.keys is not None:
         return k[:, :, t.keys], v[:, :, t.keys]
     if t.band is not None:
         G, S = t.sparse_idx.shape[-2:]
         return (_band_view(k, p.block_k, t.band, G, S), _band_view(v, p.block_k, t.band, G, S))
     safe = t.sparse_idx.clamp(min=0)
-    return _gather_blocks(k, p.block_k, safe), _gather_blocks(v, p.block_k, safe)
+    return _gather_blocks(k, p.block_k, safe, ws, "k"), _gather_blocks(v, p.block_k, safe, ws, "v")
 
 
 def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
@@ -295,10 +310,11 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
     return xr.reshape(x.shape[0], x.shape[1], t.shape_q, p.block_q, x.shape[-1])
 
 
-def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-    """Masked scores ``[.., r, L]`` (statistics dtype) of a tile; ``qt_scaled`` already
-    carries the scale."""
-    s = tile_matmul(qt_scaled, kt.transpose(-1, -2))
+def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
+                 ws: Optional[Workspace] = None) -> torch.Tensor:
+    """Masked scores ``[.., r, L]`` (statistics dtype) of a tile (in ``ws`` when given);
+    ``qt_scaled`` already carries the scale."""
+    s = tile_matmul(qt_scaled, kt.transpose(-1, -2), ws, "scores")
     s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
     if t.mask_cols is None:
         return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
@@ -323,6 +339,7 @@ def _forward(p: _Plan, q, k, v):
     cdt = stat_dtype(q.dtype)
     out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device)
+    ws = Workspace()  # each tile's gathered keys and scores: the same memory every tile
     for rows, tiles in _tiles(p):
         if not tiles:  # causal dense group with no key tile at all
             out[:, :, rows] = 0
@@ -330,22 +347,23 @@ def _forward(p: _Plan, q, k, v):
             continue
         qt = _tile_q(p, tiles[0], q) * p.scale
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
-            kt, vt = _tile_kv(p, tiles[0], k, v)
-            probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt))
+            kt, vt = _tile_kv(p, tiles[0], k, v, ws)
+            probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt, ws))
             o = tile_matmul(probs.to(vt.dtype), vt)
         else:
             state = online_init(qt.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:
-                kt, vt = _tile_kv(p, t, k, v)
-                state = online_update(*state, _tile_scores(p, t, qt, kt), vt)
+                kt, vt = _tile_kv(p, t, k, v, ws)
+                state = online_update(*state, _tile_scores(p, t, qt, kt, ws), vt)
             o, l = online_finish(*state)
         out[:, :, rows] = _rows_flat(p, tiles[0], o)
         lse[:, :, rows] = _rows_flat(p, tiles[0], l[..., None])[..., 0]
     return out, lse
 
 
-def tile_gradients(pr, qt, kt, vt, dot, dt):
-    """Gradients of one score tile (FlashAttention-2 backward).
+def tile_gradients(pr, qt, kt, vt, dot, dt, ws: Optional[Workspace] = None):
+    """Gradients of one score tile (FlashAttention-2 backward); with ``ws``, ``dk`` and
+    ``dv`` and the score gradient live in its buffers (valid until the next tile).
 
     Args:
         pr: ``[.., r, L]`` probabilities ``exp(S - lse)`` (statistics dtype; overwritten).
@@ -358,10 +376,10 @@ def tile_gradients(pr, qt, kt, vt, dot, dt):
         ``dk [.., L, D]``, ``dv [.., L, Dv])``.
     """
     mdt, cdt = dot.dtype, pr.dtype
-    dvt = torch.matmul(pr.to(mdt).transpose(-1, -2), dot)
-    ds = tile_matmul(dot, vt.transpose(-1, -2)).to(cdt).sub_(dt).mul_(pr)
+    dvt = tile_matmul(pr.to(mdt).transpose(-1, -2), dot, ws, "dv")
+    ds = tile_matmul(dot, vt.transpose(-1, -2), ws, "ds").to(cdt).sub_(dt).mul_(pr)
     ds_m = ds.to(mdt)
-    return tile_matmul(ds_m, kt).to(cdt), torch.matmul(ds_m.transpose(-1, -2), qt), dvt
+    return tile_matmul(ds_m, kt).to(cdt), tile_matmul(ds_m.transpose(-1, -2), qt, ws, "dk"), dvt
 
 
 def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
@@ -382,6 +400,7 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     delta = output_delta(dout, out, dlse)
     dout = dout.to(mdt)
     lse_s = safe_lse(lse)
+    ws = Workspace()  # each tile's gathered keys, scores and gradients: the same memory every tile
     for rows, tiles in _tiles(p):
         if not tiles:
             continue
@@ -392,9 +411,9 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
         dt = _tile_q(p, t0, delta[..., None])
         dqt = None
         for t in tiles:
-            kt, vt = _tile_kv(p, t, k, v)
-            pr = exp_(_tile_scores(p, t, qt, kt), lt)  # P, recomputed: [.., r, L]
-            part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt)
+            kt, vt = _tile_kv(p, t, k, v, ws)
+            pr = exp_(_tile_scores(p, t, qt, kt, ws), lt)  # P, recomputed: [.., r, L]
+            part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt, ws)
             dqt = part if dqt is None else dqt.add_(part)
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt
