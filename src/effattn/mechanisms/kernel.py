@@ -606,7 +606,7 @@ class _EluPlusOne(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        y = exp_(torch.clamp_max(x, 0.0)).add_(torch.clamp_min(x, 0.0))
+        y = elu_plus_one_(x)
         ctx.save_for_backward(y)
         return y
 
@@ -614,6 +614,14 @@ class _EluPlusOne(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return grad * y.clamp_max(1.0)
+
+
+def elu_plus_one_(x: torch.Tensor, out: Optional[torch.Tensor] = None,
+                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``elu(x) + 1 = exp(min(x, 0)) + max(x, 0)``, not differentiable: ``x [...]`` ->
+    a fresh tensor, or ``out`` (contiguous, like ``x``) with ``scratch`` (like ``x``)
+    holding ``max(x, 0)`` — no temporaries then."""
+    return exp_(torch.clamp_max(x, 0.0, out=out)).add_(torch.clamp_min(x, 0.0, out=scratch))
 
 
 def linear_features(x: torch.Tensor) -> torch.Tensor:
@@ -625,13 +633,18 @@ def linear_features(x: torch.Tensor) -> torch.Tensor:
 class LinearMap(StreamMap):
     """``elu + 1`` (:func:`linear_features`) as a :class:`StreamMap` for queries
     (``is_query``) or keys; its backward is ``dfeat · min(feat, 1)`` (0 on padded keys,
-    whose features the stream zeroed)."""
+    whose features the stream zeroed).  Given ``out``, the features are written there
+    with one scratch buffer of its own, reused by every chunk."""
 
     def __init__(self, is_query: bool):
         self.is_query = is_query
+        self._ws = Workspace()
 
     def __call__(self, x, out=None):
-        f = linear_features(x)
+        if out is None:
+            f = linear_features(x)
+        else:
+            f = elu_plus_one_(x, out, self._ws.get("relu", x.shape, x))
         return f if self.is_query else (f, None)
 
     def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
