@@ -408,7 +408,7 @@ def test_performer_projection_gets_gradients(monkeypatch):
 @given(Nq=st.integers(1, 19), Nk=st.integers(1, 19), rows=st.integers(1, 7), pad=st.booleans(),
        empty=st.booleans(), big=st.booleans(), seed=st.integers(0, 9999))
 def test_stream_maps_with_own_backward_equal_the_autograd_graph_path(Nq, Nk, rows, pad, empty, big, seed):
-    """Performer-softmax and linear maps with their own chunk backward (features
+    """Performer-softmax, linear and Taylor maps with their own chunk backward (features
     recomputed, keys against the final maximum) give the same output and q/k/v/projection
     gradients as the same maps run through per-chunk autograd graphs (chunks of ``rows``
     positions, padding, a batch row without keys, key logits spread over ~60 nats so the
@@ -427,6 +427,8 @@ def test_stream_maps_with_own_backward_equal_the_autograd_graph_path(Nq, Nk, row
                        lambda x, w_: (None, kernel.performer_logits(x, w_, 0.7))), (w,), 6),
         "linear": ((kernel.LinearMap(True), kernel.LinearMap(False)),
                    (kernel.linear_features, lambda x: (kernel.linear_features(x), None)), (), 4),
+        "taylor": ((kernel.TaylorMap(True), kernel.TaylorMap(False)),
+                   (kernel.taylor_features, lambda x: (kernel.taylor_features(x), None)), (), 5),
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernel, "_stream_rows", lambda B, H, M, n, budget=0: rows)
@@ -442,12 +444,13 @@ def test_stream_maps_with_own_backward_equal_the_autograd_graph_path(Nq, Nk, row
                 torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["linear", "taylor"])  # own chunk backward / chunk graphs
-def test_streamed_backward_twice_needs_retain_graph(method):
+@pytest.mark.parametrize("method,opts", [("linear", {}),  # own chunk backward
+                                         ("performer", {"kernel": "trig", "n_features": 4})])  # chunk graphs
+def test_streamed_backward_twice_needs_retain_graph(method, opts):
     """What backward needs is freed unless the graph is retained: a second backward then
     fails as plain autograd does; with retain_graph it gives the same grads."""
     q, k, v = rand_qkv(1, 2, 9, 9, 3, 2, grad=True)
-    out = effattn.attention(q, k, v, method)
+    out = effattn.attention(q, k, v, method, **opts)
     g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     g2 = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(g1, g2):

@@ -372,12 +372,15 @@ def _explicit_backward(spec, tensors, st, out, dout, bufs, p_grads):
     for i, (*k_parts, v_part) in _split((*k_inputs, v), R):
         s0, r = i * R, v_part.shape[2]
         valid = None if padding_mask is None else padding_mask[:, None, s0:s0 + r]
-        psi = _key_features(*k_map(*k_parts, *params, **scratch("feat", r)), st["c"], valid)
+        psi, log_k = k_map(*k_parts, *params, **scratch("feat", r))
+        psi = _key_features(psi, log_k, st["c"], valid)
         *rows, dv = _rows(bufs[nq:nq + nk + 1], s0, r)
         if dv is not None:  # part = psi^T [v, 1]: dv = psi dA
             _matmul_into(psi, dA, dv)
         if want_p or any(x is not None for x in rows):  # d psi = v dA^T + dz
             dpsi = torch.matmul(v_part, dA.transpose(-1, -2), **scratch("dfeat", r)).add_(dz)
+            if log_k is None and valid is not None:  # padded keys' features are constant 0
+                dpsi.masked_fill_(~valid[..., None], 0.0)
             k_map.backward(k_parts, params, psi, dpsi, rows, p_grads)
 
 
@@ -652,10 +655,41 @@ class LinearMap(StreamMap):
             torch.mul(dfeat, feat.clamp_max_(1.0), out=rows[0])
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's: x / max(|x|, eps)
+
+
+class TaylorMap(StreamMap):
+    """:func:`taylor_features` ``[1, x/max(|x|, eps)]`` as a :class:`StreamMap` for
+    queries (``is_query``) or keys; its backward is ``F.normalize``'s,
+    ``dx = (dx̂ - x̂ (x̂·dx̂)) / |x|`` (``dx̂ / eps`` where ``|x| <= eps``)."""
+
+    def __init__(self, is_query: bool):
+        self.is_query = is_query
+
+    def __call__(self, x, out=None):
+        if out is None:
+            f = taylor_features(x)
+        else:
+            f = out
+            f[..., 0] = 1.0
+            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORMALIZE_EPS)
+            torch.div(x, n, out=f[..., 1:])
+        return f if self.is_query else (f, None)
+
+    def backward(self, x_parts, params, feat, dfeat, rows, p_grads):
+        (x,), (dx,) = x_parts, rows
+        if dx is None:
+            return
+        xh, g = feat[..., 1:], dfeat[..., 1:]
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        proj = torch.linalg.vecdot(xh, g)[..., None].masked_fill_(n <= NORMALIZE_EPS, 0.0)
+        torch.addcmul(g, xh, proj, value=-1.0, out=dx).div_(n.clamp_min_(NORMALIZE_EPS))
+
+
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
     """Li et al. first-order Taylor: ``[1, x/|x|]``, ``[..., D] -> [..., D + 1]``, so that
     ``phi(q)·phi(k) = 1 + q̂·k̂ >= 0``."""
-    xh = F.normalize(x, dim=-1)
+    xh = F.normalize(x, dim=-1, eps=NORMALIZE_EPS)
     return torch.cat([torch.ones_like(xh[..., :1]), xh], dim=-1)
 
 
@@ -944,7 +978,8 @@ def taylor_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     Shapes as :func:`linear_attention`."""
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
-    out = _apply_map(taylor_features, qc, kc, vc, q.shape[-1] + 1, causal, padding_mask, chunk)
+    out = _apply_map(taylor_features, qc, kc, vc, q.shape[-1] + 1, causal, padding_mask, chunk,
+                     maps=(TaylorMap(is_query=True), TaylorMap(is_query=False)))
     return out.to(q.dtype), None
 
 
