@@ -53,6 +53,14 @@ class DistEnv:
             dist.all_reduce(t)
         return t
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Leave the process group.  ``sync`` (the normal end): wait for every process
+        first, so none tears its connections down while another still has gloo traffic in
+        flight (seen once in CI: a rank aborting in teardown, "terminate called without an
+        active exception"); after an error, leave without waiting for the others."""
         if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if sync:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()

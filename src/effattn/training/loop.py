@@ -66,9 +66,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, prepared=None, echo=print) 
     ``checkpoint/`` under ``cfg.out`` (process 0 only)."""
     env = DistEnv.setup(cfg.device)
     try:
-        return _train(cfg, env, resume, prepared, echo)
-    finally:
-        env.close()
+        result = _train(cfg, env, resume, prepared, echo)
+    except BaseException:
+        env.close(sync=False)
+        raise
+    env.close()
+    return result
 
 
 def _train(cfg: TrainConfig, env: DistEnv, resume: bool, prepared, echo) -> dict:
