@@ -46,7 +46,8 @@ from effattn.softmax import exp_, stat_dtype
 __all__ = [
     "feature_map_attention", "streamed_feature_attention", "dense_feature_map_attention", "orthogonal_gaussian",
     "performer_projection", "linear_features", "taylor_features", "efficient_softmax_attention",
-    "performer_features", "performer_logits", "reset_feature_generators",
+    "performer_features", "performer_logits", "reset_feature_generators", "StreamMap",
+    "PerformerSoftmaxMap", "LinearMap", "TaylorMap", "elu_plus_one_",
 ]
 
 
@@ -117,8 +118,9 @@ class StreamMap:
     ``__call__(*x_parts, *params, out=None)``: as the plain callables (a query map returns
     ``phi [B, H, r, M]``; a key map ``(psi, None)`` or ``(None, log_k)``), called without
     gradients; ``out`` is a contiguous ``[B, H, r, M]`` scratch tensor the map may write
-    its large result into (the stream reuses it for every chunk) or ignore.  ``backward(x_parts, params, feat, dfeat, rows, p_grads)``: ``feat`` is the
-    chunk's feature tensor as the stream used it (for keys: stabilized, exponentiated and
+    its large result into (the stream reuses it for every chunk) or ignore.
+    ``backward(x_parts, params, feat, dfeat, rows, p_grads)``: ``feat`` is the chunk's
+    feature tensor as the stream used it (for keys: stabilized, exponentiated and
     with padded rows zero), ``dfeat`` its gradient (may be overwritten); writes each
     part's input gradient into ``rows[i]`` (``[B, H, r, ·]`` views, None = not needed)
     and adds parameter gradients to ``p_grads[j]`` (None = none yet); a parameter that
