@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.masks import apply_masks
+from effattn.masks import apply_masks, relative, shared_tile_bias
 from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import softmax_lse
 from tests.helpers import finite_lse, rand_qkv, random_padding
@@ -167,11 +167,14 @@ def test_engine_bf16_matmuls_keep_float32_statistics(causal):
 @given(
     N=st.integers(8, 70), block=st.sampled_from([4, 8]), reach=st.integers(1, 3),
     w=st.integers(0, 30), causal=st.booleans(), pad=st.booleans(), seed=st.integers(0, 1000),
+    rel=st.booleans(), shared=st.booleans(),
 )
-def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, reach, w, causal, pad, seed):
+def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, reach, w, causal, pad,
+                                                                    seed, rel, shared):
     """Slots marked ``full_slots`` skip the pair rules on the own path (the other slots,
     empty ones and blocks holding padding keep them): on a band layout with a window rule
-    the result equals the dense reference when the hint is the truth."""
+    the result equals the dense reference when the hint is the truth — with the rule
+    marked relative too (band tiles then add one shared bias) and with self-exclusion."""
     q, k, v = rand_qkv(2, 2, N, N, 4, 3, seed=seed)
     nb = -(-N // block)
     qb = torch.arange(nb)[:, None]
@@ -182,6 +185,8 @@ def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, re
     def pair(a, b):
         return (a - b).abs() <= w
 
+    if rel:
+        pair = relative(pair)
     # the hint's truth per slot: every (query, key) of the block pair passes the rules
     lo_q, hi_q = qb * block, torch.clamp((qb + 1) * block, max=N) - 1
     kb = layout.clamp(min=0)
@@ -190,9 +195,45 @@ def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, re
     if causal:
         full &= hi_k <= lo_q
     got, _ = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.5,
-                                    causal=causal, k_valid=k_valid, pair_mask=pair, full_slots=full)
-    ref, _ = dense_reference(q, k, v, layout, block, block, 0.5, causal, False, k_valid, pair)
+                                    causal=causal, exclude_self=shared, k_valid=k_valid,
+                                    pair_mask=pair, full_slots=full)
+    ref, _ = dense_reference(q, k, v, layout, block, block, 0.5, causal, shared, k_valid, pair)
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9)
+
+
+@given(G=st.integers(1, 5), r=st.integers(1, 6), L=st.integers(1, 9), seed=st.integers(0, 1000),
+       shifted=st.booleans(), rule=st.sampled_from(["none", "window", "residue", "absolute"]),
+       causal=st.booleans(), self_=st.booleans(), valid=st.sampled_from(["none", "all", "some"]))
+def test_shared_tile_bias_is_every_groups_masks(G, r, L, seed, shifted, rule, causal, self_, valid):
+    """shared_tile_bias: where it returns a bias, adding it equals the masks of every query
+    group of the tile (causal, self-exclusion, the pair rule, padding); it returns one
+    whenever the groups are shifted copies of group 0 under a relative rule with every key
+    valid, and never for a rule not marked relative."""
+    g = torch.Generator().manual_seed(seed)
+    q0 = torch.randint(0, 20, (r,), generator=g)
+    k0 = torch.randint(0, 20, (L,), generator=g)
+    shift = torch.randint(-30, 30, (G, 1), generator=g)
+    qp, kp = q0 + shift, k0 + shift
+    if not shifted and G > 1:
+        kp[-1, torch.randint(0, L, (1,), generator=g)] += 1  # one key out of step
+    rules = {"none": None, "window": relative(lambda a, b: (a - b).abs() <= 3),
+             "residue": relative(lambda a, b: (a - b) % 3 != 1),
+             "absolute": lambda a, b: b % 2 == 0}
+    pm = rules[rule]
+    kv = {"none": None, "all": torch.ones(1, 1, G, 1, L, dtype=torch.bool),
+          "some": torch.rand(1, 1, G, 1, L, generator=g) < 0.7}[valid]
+    opts = dict(causal=causal, exclude_self=self_, k_valid=kv, pair_mask=pm)
+    bias = shared_tile_bias(qp.view(1, 1, G, r, 1), kp.view(1, 1, G, 1, L),
+                            dtype=torch.float64, **opts)
+    truth = apply_masks(torch.zeros(1, 1, G, r, L, dtype=torch.float64), qp.view(1, 1, G, r, 1),
+                        kp.view(1, 1, G, 1, L), inplace=True, **opts)
+    if rule == "absolute":
+        assert bias is None
+    elif (shifted or G == 1) and (kv is None or bool(kv.all())):
+        assert bias is not None
+    if bias is not None:
+        assert bias.shape == (r, L)
+        assert torch.equal(bias.expand_as(truth), truth)
 
 
 def test_mask_runs_group_the_slots_needing_rules():

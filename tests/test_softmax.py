@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.softmax import exp_, merge_pair_, merge_partials, softmax_lse_
+from effattn.softmax import exp_, merge_pair_, merge_partials, softmax_lse_, softmax_weights_
 
 
 @given(parts=st.integers(1, 4), n=st.integers(1, 6), seed=st.integers(0, 2**16))
@@ -106,3 +106,22 @@ def test_exp_gradients_fused_and_through_a_shift_that_requires_grad():
     assert torch.autograd.gradcheck(lambda a, b: exp_(a * 1.0, b), (x, s))
     y = exp_(x.detach().float() * 1.0)  # no grad: plain in-place values
     assert not y.requires_grad
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 9), seed=st.integers(0, 1000),
+       offset=st.sampled_from([0.0, -1e5, 3e4]), masked=st.floats(0, 1))
+def test_unnormalized_weights_times_inverse_sums_are_the_softmax_in_float32(
+        rows, cols, seed, offset, masked):
+    """softmax_weights_: weights * inv is the softmax and lse the logsumexp in float32,
+    also around large scores (a shared-QK self pair sits near -1e5: the row maximum must
+    weigh exactly 1, not the 1.003 of forming the exponent as x log2 e - m log2 e); fully
+    masked rows give weights 0, inv 1 and lse -inf."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 3 + offset).float()
+    s[torch.rand(rows, cols, generator=g) < masked] = float("-inf")
+    w, lse, inv = softmax_weights_(s.clone())
+    ref = torch.softmax(s.double(), -1).nan_to_num(nan=0.0)
+    torch.testing.assert_close((w * inv).double(), ref, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s.double(), -1), atol=1e-2, rtol=1e-6)
+    assert w.amax(-1)[~torch.isneginf(lse)].eq(1).all()  # the maximum weighs exactly 1
+    assert inv.shape == (rows, 1) and (inv[torch.isneginf(lse)] == 1).all()

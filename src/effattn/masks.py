@@ -39,6 +39,20 @@ def is_elementwise(rule: Optional[PairMask]) -> bool:
     return rule is None or bool(getattr(rule, "elementwise", False))
 
 
+def relative(rule: PairMask) -> PairMask:
+    """Mark a ``pair_mask`` rule as a function of ``q_pos - k_pos`` alone (the same answer
+    for positions shifted alike: sliding windows, strides, "not the diagonal"); implies
+    :func:`elementwise`.  The engine then evaluates such a rule once per tile instead of
+    once per query group (:func:`shared_tile_bias`).  Returns ``rule`` itself."""
+    rule.relative = True
+    return elementwise(rule)
+
+
+def is_relative(rule: Optional[PairMask]) -> bool:
+    """True for no rule or a rule marked with :func:`relative`."""
+    return rule is None or bool(getattr(rule, "relative", False))
+
+
 def self_pairs(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1 where a query meets its own key (same original position), else 0, in ``dtype``
     (broadcast of ``q_pos`` and ``k_pos``); times :data:`SELF_PENALTY` it is the
@@ -93,6 +107,38 @@ def apply_masks(
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
     return scores
+
+
+def shared_tile_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool,
+                     exclude_self: bool, k_valid: Optional[torch.Tensor] = None,
+                     pair_mask: Optional[PairMask] = None, dtype=torch.float32):
+    """The masks of a whole tile as one additive bias ``[Lq, Lk]`` (0 allowed, ``-inf``
+    masked, ``-SELF_PENALTY`` on self pairs) when every query group of the tile sees the
+    same pattern, else None.
+
+    ``q_pos [1, 1, G, Lq, 1]`` or ``[1, 1, Lq, 1]``, ``k_pos [1, 1, G, 1, Lk]`` or ``[1,
+    1, 1, Lk]`` (positions shared by every batch and head).  The pattern is shared when
+    ``pair_mask`` is :func:`relative` (or None), ``k_valid`` (broadcastable to ``k_pos``)
+    is None or all True, and every group's query and key positions are group 0's shifted
+    by one amount: then ``q - k`` — all the rules read — is the same in every group.
+    Adding the bias is one pass where the per-group masks (rule, negation, fill) are
+    several over the whole tile (262,144 scores: 20 vs 210 us)."""
+    if not is_relative(pair_mask) or q_pos.shape[:2] != (1, 1) or k_pos.shape[:2] != (1, 1):
+        return None
+    if k_valid is not None and not bool(k_valid.all()):
+        return None
+    qp = q_pos.reshape(-1, q_pos.shape[-2])  # [G, Lq]
+    kp = k_pos.reshape(-1, k_pos.shape[-1])  # [G, Lk]
+    if qp.shape[0] != kp.shape[0]:
+        return None
+    if qp.shape[0] > 1:
+        shift = qp[:, :1] - qp[:1, :1]  # [G, 1]
+        if not (torch.equal(qp - shift, qp[:1].expand_as(qp))
+                and torch.equal(kp - shift, kp[:1].expand_as(kp))):
+            return None
+    bias = torch.zeros(qp.shape[1], kp.shape[1], dtype=dtype, device=q_pos.device)
+    return apply_masks(bias, qp[0, :, None], kp[:1], causal=causal, exclude_self=exclude_self,
+                       pair_mask=pair_mask, inplace=True)
 
 
 def key_valid(padding_mask: Optional[torch.Tensor], n_keys: int, n_padded: int,

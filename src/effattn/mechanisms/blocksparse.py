@@ -35,11 +35,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from effattn.masks import PairMask, apply_masks
+from effattn.masks import PairMask, apply_masks, shared_tile_bias
 from effattn.mechanisms import _flex
 from effattn.mechanisms._scratch import Workspace
 from effattn.softmax import (
-    exp_, online_finish, online_init, online_update, output_delta, safe_lse, softmax_lse_, stat_dtype)
+    exp_, online_finish, online_init, online_update, output_delta, safe_lse, softmax_weights_,
+    stat_dtype)
 
 #: default number of score elements (all batch/head rows included) per processed group
 DEFAULT_TILE_BUDGET = 1 << 21
@@ -316,13 +317,19 @@ def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
     ``qt_scaled`` already carries the scale."""
     s = tile_matmul(qt_scaled, kt.transpose(-1, -2), ws, "scores")
     s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
-    if t.mask_cols is None:
-        return apply_masks(s, t.q_pos, t.k_pos, causal=p.causal, exclude_self=p.exclude_self,
-                           k_valid=t.k_valid, pair_mask=p.pair_mask, inplace=True)
-    for a, b in t.mask_cols:  # in place on column views: the other slots allow every pair
-        apply_masks(s[..., a:b], t.q_pos, t.k_pos[..., a:b], causal=p.causal, exclude_self=False,
-                    k_valid=None if t.k_valid is None else t.k_valid[..., a:b],
-                    pair_mask=p.pair_mask, inplace=True)
+    # in place on column views: the other slots allow every pair (no self-exclusion there)
+    cols = [(0, s.shape[-1], p.exclude_self)] if t.mask_cols is None else [
+        (a, b, False) for a, b in t.mask_cols]
+    for a, b, exclude_self in cols:
+        view, kp = s[..., a:b], t.k_pos[..., a:b]
+        kv = None if t.k_valid is None else t.k_valid[..., a:b]
+        rules = dict(causal=p.causal, exclude_self=exclude_self, pair_mask=p.pair_mask)
+        if p.causal or exclude_self or kv is not None or p.pair_mask is not None:
+            bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=s.dtype, **rules)
+            if bias is None:
+                apply_masks(view, t.q_pos, kp, k_valid=kv, inplace=True, **rules)
+            else:
+                view.add_(bias)
     return s
 
 
@@ -348,8 +355,8 @@ def _forward(p: _Plan, q, k, v):
         qt = _tile_q(p, tiles[0], q) * p.scale
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v, ws)
-            probs, l = softmax_lse_(_tile_scores(p, tiles[0], qt, kt, ws))
-            o = tile_matmul(probs.to(vt.dtype), vt)
+            w, l, inv = softmax_weights_(_tile_scores(p, tiles[0], qt, kt, ws))
+            o = tile_matmul(w.to(vt.dtype), vt).to(cdt).mul_(inv)  # normalized: [.., r, Dv]
         else:
             state = online_init(qt.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:

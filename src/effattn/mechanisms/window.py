@@ -19,7 +19,7 @@ from effattn.mechanisms._layout import (
     has_multiple, lookup, merge_parts, n_blocks, per_head, range_candidates,
 )
 from effattn.mechanisms._union import permuted_block_attention
-from effattn.masks import elementwise
+from effattn.masks import elementwise, relative
 from effattn.mechanisms.blocksparse import block_sparse_attention
 
 # ================================================================ Longformer
@@ -119,8 +119,8 @@ def _band_rule(width: int, dil: int):
     """Elementwise pair rule ``|i - j| <= width`` and ``dil | i - j`` on plain ints (inside
     FlexAttention's compiled ``mask_mod`` they are constants, no table reads)."""
     if dil == 1:
-        return elementwise(lambda a, b: (a - b).abs() <= width)
-    return elementwise(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0))
+        return relative(lambda a, b: (a - b).abs() <= width)
+    return relative(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0))
 
 
 def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
