@@ -223,6 +223,10 @@ def _tiles(p: _Plan):
             S = idx_all.shape[-1]
             for s0 in range(0, S, p.slot_chunk):
                 idx = idx_all[..., s0:s0 + p.slot_chunk]
+                band = _band_start(idx, p.nkb)
+                reordered = band is not None and band[1] is not idx
+                if reordered:  # the same blocks per row, in band order: the rule-free
+                    idx = band[1]  # slot marks no longer line up, every slot is masked
                 safe = idx.clamp(min=0)
                 kp = _gather_blocks(p.k_pos[..., None], bk, safe)[..., 0]  # [Bo,Ho,G,L]
                 kv = (idx >= 0).repeat_interleave(bk, dim=-1)  # [Bi,Hi,G,L]
@@ -230,26 +234,49 @@ def _tiles(p: _Plan):
                     kv = kv & _gather_blocks(p.k_valid[..., None], bk, safe)[..., 0]
                 elif bool((idx >= 0).all()):
                     kv = None
-                runs = None if free is None else _mask_runs(free[:, :, g0:g1, s0:s0 + p.slot_chunk], idx, bk)
+                runs = None if free is None or reordered else _mask_runs(
+                    free[:, :, g0:g1, s0:s0 + p.slot_chunk], idx, bk)
                 tiles.append(_Tile(rows, qp, kp[..., None, :],
                                    None if kv is None else kv[..., None, :], None, idx, G, runs,
-                                   _band_start(idx)))
+                                   None if band is None else band[0]))
         yield rows, tiles
 
 
-def _band_start(idx: torch.Tensor) -> Optional[int]:
-    """``b`` when the sparse tile slots ``idx [1, 1, G, S]`` are the band ``idx[g, s] = b +
-    g + s`` (every batch and head alike, no empty slot: sliding windows away from the
-    sequence ends), else None.  Such a tile's keys are an overlapping view of the key rows
-    (:func:`_band_view`), not a gathered copy."""
+def _band_start(idx: torch.Tensor, nkb: int):
+    """``(b, slots)`` when the sparse tile slots ``idx [1, 1, G, S]`` hold the band ``b + g
+    + s`` (every batch and head alike), blocks outside ``0 .. nkb - 1`` empty (a sliding
+    window at the sequence ends, where ``b`` may be negative) — in any slot order within a
+    row (layouts list an end row's blocks first) — else None.  ``slots`` is the tile's
+    layout in band order (``idx`` itself when it already is: the common case away from
+    the ends; else a new ``[1, 1, G, S]``, ``-1`` where the window has no block).  Such a
+    tile's keys are an overlapping view of the key rows (:func:`_band_keys`), not a
+    gathered copy of every slot."""
     if idx.shape[0] != 1 or idx.shape[1] != 1 or idx.numel() == 0:
         return None
     G, S = idx.shape[-2:]
-    b = int(idx[0, 0, 0, 0])
-    if b < 0:
-        return None
+    tile = idx[0, 0]
+    b = int(tile[0, 0])
     steps = torch.arange(G, device=idx.device)[:, None] + torch.arange(S, device=idx.device)
-    return b if bool(torch.equal(idx[0, 0], steps + b)) else None
+    if b >= 0 and bool(torch.equal(tile, steps + b)):
+        return b, idx
+    if not bool((tile >= 0).any()):
+        return None
+    first_max = int(tile[0].max())  # the first row's last block, unless clipped at the end
+    last_min = int(tile[-1].masked_fill(tile[-1] < 0, nkb).min())  # the last row's first
+    have = torch.sort(tile, -1).values
+    for b in {first_max - (S - 1), last_min - (G - 1)}:
+        want = steps + b
+        want = torch.where((want >= 0) & (want < nkb), want, torch.full_like(want, -1))
+        if bool(torch.equal(have, torch.sort(want, -1).values)):
+            return b, (idx if bool(torch.equal(tile, want)) else want[None, None])
+    return None
+
+
+def _band_window(block: int, start: int, G: int, S: int, nkb: int):
+    """The key blocks ``lo .. hi - 1`` of a band tile's window ``start .. start + G + S - 2``
+    that exist (``0 <= block < nkb``), as ``(lo, hi)``; the window is whole when ``lo ==
+    start`` and ``hi == start + G + S - 1``."""
+    return max(start, 0), min(start + G + S - 1, nkb)
 
 
 def _band_view(x: torch.Tensor, block: int, start: int, G: int, S: int) -> torch.Tensor:
@@ -261,13 +288,45 @@ def _band_view(x: torch.Tensor, block: int, start: int, G: int, S: int) -> torch
                         x.storage_offset() + start * block * x.stride(2))
 
 
-def _band_add_(dst: torch.Tensor, block: int, start: int, src: torch.Tensor) -> None:
-    """Adjoint of :func:`_band_view`: ``dst [B, H, n, F]`` += ``src [B, H, G, S * block, F]``
-    summed over the overlaps (one strided add per slot: a slot's blocks never overlap)."""
+def _band_keys(x: torch.Tensor, block: int, start: int, G: int, S: int, nkb: int,
+               ws: Optional[Workspace], name: str) -> torch.Tensor:
+    """A band tile's keys (or values) ``[B, H, G, S * block, F]`` from ``x [B, H, nkb *
+    block, F]``: a view of ``x`` when the window lies inside it, else a view of the window
+    copied once into the workspace buffer ``name`` with zero blocks where it runs past the
+    sequence ends (those slots are masked)."""
+    lo, hi = _band_window(block, start, G, S, nkb)
+    if lo == start and hi == start + G + S - 1:
+        return _band_view(x, block, start, G, S)
+    B, H, _, Fx = x.shape
+    shape = (B, H, (G + S - 1) * block, Fx)
+    buf = torch.zeros(shape, dtype=x.dtype, device=x.device) if ws is None else ws.get(name, shape, x)
+    a, b = (lo - start) * block, (hi - start) * block
+    buf[:, :, :a].zero_()
+    buf[:, :, b:].zero_()
+    buf[:, :, a:b].copy_(x[:, :, lo * block:hi * block])
+    return _band_view(buf, block, 0, G, S)
+
+
+def _band_add_(dst: torch.Tensor, block: int, start: int, src: torch.Tensor, nkb: int,
+               ws: Optional[Workspace] = None, name: str = "") -> None:
+    """Adjoint of :func:`_band_keys`: ``dst [B, H, nkb * block, F]`` += ``src [B, H, G, S *
+    block, F]`` summed over the overlaps (one strided add per slot: a slot's blocks never
+    overlap); the part of a window past the sequence ends is dropped."""
     B, H, G, L, Fx = src.shape
-    for s in range(L // block):
-        rows = slice((start + s) * block, (start + s + G) * block)
-        dst[:, :, rows].view(B, H, G, block, Fx).add_(src[:, :, :, s * block:(s + 1) * block])
+    S = L // block
+    lo, hi = _band_window(block, start, G, S, nkb)
+    whole = lo == start and hi == start + G + S - 1
+    tgt, off = dst, start
+    if not whole:
+        shape = (B, H, (G + S - 1) * block, Fx)
+        tgt = (torch.empty(shape, dtype=dst.dtype, device=dst.device) if ws is None
+               else ws.get(name, shape, dst)).zero_()
+        off = 0
+    for s in range(S):
+        rows = slice((off + s) * block, (off + s + G) * block)
+        tgt[:, :, rows].view(B, H, G, block, Fx).add_(src[:, :, :, s * block:(s + 1) * block])
+    if not whole:
+        dst[:, :, lo * block:hi * block] += tgt[:, :, (lo - start) * block:(hi - start) * block]
 
 
 def tile_matmul(a: torch.Tensor, b: torch.Tensor, ws: Optional[Workspace] = None,
@@ -298,7 +357,8 @@ def _tile_kv(p: _Plan, t: _Tile, k: torch.Tensor, v: torch.Tensor, ws: Optional[
         return k[:, :, t.keys], v[:, :, t.keys]
     if t.band is not None:
         G, S = t.sparse_idx.shape[-2:]
-        return (_band_view(k, p.block_k, t.band, G, S), _band_view(v, p.block_k, t.band, G, S))
+        return (_band_keys(k, p.block_k, t.band, G, S, p.nkb, ws, "k"),
+                _band_keys(v, p.block_k, t.band, G, S, p.nkb, ws, "v"))
     safe = t.sparse_idx.clamp(min=0)
     return _gather_blocks(k, p.block_k, safe, ws, "k"), _gather_blocks(v, p.block_k, safe, ws, "v")
 
@@ -426,8 +486,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
                 dk[:, :, t.keys] += dkt
                 dv[:, :, t.keys] += dvt
             elif t.band is not None:
-                _band_add_(dk, p.block_k, t.band, dkt)
-                _band_add_(dv, p.block_k, t.band, dvt)
+                _band_add_(dk, p.block_k, t.band, dkt, p.nkb, ws, "dk_window")
+                _band_add_(dv, p.block_k, t.band, dvt, p.nkb, ws, "dv_window")
             else:
                 _scatter_blocks(dk, p.block_k, t.sparse_idx, dkt)
                 _scatter_blocks(dv, p.block_k, t.sparse_idx, dvt)
