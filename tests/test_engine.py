@@ -126,8 +126,8 @@ def test_engine_never_materializes_n_by_n(monkeypatch):
     sizes = []
     orig = bs._tile_scores
 
-    def spy(p, t, qt, kt, ws=None):
-        s = orig(p, t, qt, kt, ws)
+    def spy(p, t, qt, kt, ws=None, **kw):
+        s = orig(p, t, qt, kt, ws, **kw)
         sizes.append(s.numel())
         return s
 
@@ -284,4 +284,5 @@ def test_band_tiles_run_on_views_and_match_the_reference_with_gradients(
     gb = torch.autograd.grad((ref * go).sum() + finite_lse(ref_lse).sum(), (q, k, v))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
-    assert bands and all(b is not None for b in bands)  # every group ran as a band
+    if layout.shape[-1] == before + after + 1:  # every window slot listed: all bands
+        assert bands and all(b is not None for b in bands)

@@ -125,3 +125,29 @@ def test_unnormalized_weights_times_inverse_sums_are_the_softmax_in_float32(
     torch.testing.assert_close(lse.double(), torch.logsumexp(s.double(), -1), atol=1e-2, rtol=1e-6)
     assert w.amax(-1)[~torch.isneginf(lse)].eq(1).all()  # the maximum weighs exactly 1
     assert inv.shape == (rows, 1) and (inv[torch.isneginf(lse)] == 1).all()
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 9), split=st.integers(1, 8),
+       seed=st.integers(0, 1000), masked=st.floats(0, 1))
+def test_base2_scores_give_the_natural_softmax_and_lse(rows, cols, split, seed, masked):
+    """Scores in base-2 units (log2 e times the scores: the engine's queries carry the
+    factor) give the same weights, natural lse and online-softmax result as natural
+    scores, fully masked rows included."""
+    from effattn.softmax import LOG2_E, online_finish, online_init, online_update
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 4
+    s[torch.rand(rows, cols, generator=g) < masked] = float("-inf")
+    v = torch.randn(cols, 3, generator=g, dtype=torch.float64)
+    w, lse, inv = softmax_weights_(s.clone())
+    w2, lse2, inv2 = softmax_weights_(s * LOG2_E, base2=True)
+    torch.testing.assert_close(w2 * inv2, w * inv, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse2, lse, atol=1e-12, rtol=1e-12)
+    for base2 in (False, True):
+        state = online_init((rows,), 3, torch.float64, "cpu")
+        x = s * LOG2_E if base2 else s.clone()
+        for c in range(0, cols, split):
+            state = online_update(*state, x[:, c:c + split].clone(), v[c:c + split], base2=base2)
+        out, l = online_finish(*state, base2=base2)
+        torch.testing.assert_close(out, (w * inv) @ v, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(l, lse, atol=1e-12, rtol=1e-12)

@@ -95,14 +95,16 @@ def apply_masks(
     k_valid: Optional[torch.Tensor] = None,
     pair_mask: Optional[PairMask] = None,
     inplace: bool = False,
+    penalty: float = SELF_PENALTY,
 ) -> torch.Tensor:
     """Scores ``[..., Lq, Lk]`` with disallowed pairs at ``-inf`` and, for shared-QK,
-    the self pair lowered by :data:`SELF_PENALTY`.  Positions as in :func:`allowed_pairs`.
+    the self pair lowered by ``penalty`` (:data:`SELF_PENALTY`; ``SELF_PENALTY * log2 e``
+    for scores in base-2 units).  Positions as in :func:`allowed_pairs`.
     ``inplace=True`` overwrites ``scores`` (which must already have the full shape).
     """
     if exclude_self:
         same = self_pairs(q_pos, k_pos, scores.dtype)
-        scores = scores.sub_(same, alpha=SELF_PENALTY) if inplace else scores - SELF_PENALTY * same
+        scores = scores.sub_(same, alpha=penalty) if inplace else scores - penalty * same
     mask = allowed_pairs(q_pos, k_pos, causal=causal, k_valid=k_valid, pair_mask=pair_mask)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
@@ -111,10 +113,11 @@ def apply_masks(
 
 def shared_tile_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool,
                      exclude_self: bool, k_valid: Optional[torch.Tensor] = None,
-                     pair_mask: Optional[PairMask] = None, dtype=torch.float32):
+                     pair_mask: Optional[PairMask] = None, dtype=torch.float32,
+                     penalty: float = SELF_PENALTY):
     """The masks of a whole tile as one additive bias ``[Lq, Lk]`` (0 allowed, ``-inf``
-    masked, ``-SELF_PENALTY`` on self pairs) when every query group of the tile sees the
-    same pattern, else None.
+    masked, ``-penalty`` on self pairs: :func:`apply_masks`) when every query group of the
+    tile sees the same pattern, else None.
 
     ``q_pos [1, 1, G, Lq, 1]`` or ``[1, 1, Lq, 1]``, ``k_pos [1, 1, G, 1, Lk]`` or ``[1,
     1, 1, Lk]`` (positions shared by every batch and head).  The pattern is shared when
@@ -138,7 +141,7 @@ def shared_tile_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool,
             return None
     bias = torch.zeros(qp.shape[1], kp.shape[1], dtype=dtype, device=q_pos.device)
     return apply_masks(bias, qp[0, :, None], kp[:1], causal=causal, exclude_self=exclude_self,
-                       pair_mask=pair_mask, inplace=True)
+                       pair_mask=pair_mask, inplace=True, penalty=penalty)
 
 
 def key_valid(padding_mask: Optional[torch.Tensor], n_keys: int, n_padded: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 LOG2_E = 1.4426950408889634  # 1 / ln 2
+LN_2 = 0.6931471805599453
 
 
 def _exp_in_place(x: torch.Tensor, shift) -> torch.Tensor:
@@ -79,7 +80,7 @@ def softmax_lse(scores: torch.Tensor):
     return probs, lse
 
 
-def softmax_weights_(scores: torch.Tensor):
+def softmax_weights_(scores: torch.Tensor, base2: bool = False):
     """Unnormalized in-place softmax: ``scores [..., L]`` is overwritten with
     ``exp(scores - m)`` (``m`` the row maximum) and returned with ``lse [...]`` and
     ``inv [..., 1]``, the reciprocal row sums: the probabilities are ``weights * inv``, so
@@ -87,12 +88,18 @@ def softmax_weights_(scores: torch.Tensor):
     instead of the ``[..., L]`` scores saves a pass over the scores (division is the
     slowest elementwise pass here: 1M scores 251 us, a product 70).  Fully masked rows
     give zero weights, ``lse = -inf`` and ``inv = 1``.
+
+    ``base2=True``: the scores are in base-2 units (``log2 e`` times the scores: the
+    caller scaled its queries by it) and the weights are ``exp2(scores - m)`` — one pass
+    fewer than scaling the scores here; ``lse`` is still the natural log-sum-exp.  Not
+    differentiable in that form.
     """
     # few passes and ops: this runs once per tile group, where dispatch costs show
     m = scores.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # fully masked rows: 0
-    weights = exp_(scores, m)
+    weights = scores.sub_(m).exp2_() if base2 else exp_(scores, m)
     total = weights.sum(-1, keepdim=True)  # >= 1 unless the row is fully masked (0)
-    lse = torch.log(total).add_(m)  # log 0 = -inf on fully masked rows
+    # log 0 = -inf on fully masked rows
+    lse = torch.log2(total).add_(m).mul_(LN_2) if base2 else torch.log(total).add_(m)
     return weights, lse.squeeze(-1), total.clamp_min_(1.0).reciprocal_()
 
 
@@ -123,26 +130,33 @@ def online_init(shape_rows, dv: int, dtype, device):
     return acc, m, l
 
 
-def online_update(acc, m, l, scores, v):
+def online_update(acc, m, l, scores, v, base2: bool = False):
     """One FlashAttention step: fold ``scores [..., r, L]`` (overwritten) over values ``v
     [..., L, Dv]`` into the running ``(acc [..., r, Dv], m [..., r], l [..., r])``; returns
-    the new state.  Not differentiable (in place).
+    the new state.  Not differentiable (in place).  ``base2``: scores (and ``m``) in base-2
+    units, as in :func:`softmax_weights_`.
     """
     m_new = torch.maximum(m, scores.amax(-1))
     m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-    p = exp_(scores, m_safe[..., None])
-    alpha = torch.exp(m - m_safe)
+    if base2:
+        p = scores.sub_(m_safe[..., None]).exp2_()
+        alpha = torch.exp2(m - m_safe)
+    else:
+        p = exp_(scores, m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
     l = l * alpha + p.sum(-1)
     acc = acc * alpha[..., None] + torch.matmul(p.to(v.dtype), v).to(acc.dtype)
     return acc, m_new, l
 
 
-def online_finish(acc, m, l):
-    """Normalize the online state: ``(out [..., r, Dv], lse [..., r])``; empty rows -> 0, -inf."""
+def online_finish(acc, m, l, base2: bool = False):
+    """Normalize the online state: ``(out [..., r, Dv], lse [..., r])``; empty rows -> 0, -inf.
+    ``base2``: the state of base-2 scores (``lse`` is still the natural log-sum-exp)."""
     empty = l == 0
     out = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    lse = torch.where(empty, torch.full_like(l, float("-inf")), m_safe + torch.log(l))
+    total = (m_safe + torch.log2(l)) * LN_2 if base2 else m_safe + torch.log(l)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), total)
     return out, lse
 
 

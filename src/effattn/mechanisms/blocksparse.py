@@ -35,11 +35,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from effattn.masks import PairMask, apply_masks, shared_tile_bias
+from effattn.masks import SELF_PENALTY, PairMask, apply_masks, shared_tile_bias
 from effattn.mechanisms import _flex
 from effattn.mechanisms._scratch import Workspace
 from effattn.softmax import (
-    exp_, online_finish, online_init, online_update, output_delta, safe_lse, softmax_weights_,
+    LOG2_E, online_finish, online_init, online_update, output_delta, safe_lse, softmax_weights_,
     stat_dtype)
 
 #: default number of score elements (all batch/head rows included) per processed group
@@ -372,9 +372,12 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
-                 ws: Optional[Workspace] = None) -> torch.Tensor:
+                 ws: Optional[Workspace] = None, base2: bool = False) -> torch.Tensor:
     """Masked scores ``[.., r, L]`` (statistics dtype) of a tile (in ``ws`` when given);
-    ``qt_scaled`` already carries the scale."""
+    ``qt_scaled`` already carries the scale — and, with ``base2``, the factor ``log2 e``
+    (scores in base-2 units, for ``exp2`` without a scaling pass over the tile: the
+    self-pair penalty is scaled alike)."""
+    penalty = SELF_PENALTY * LOG2_E if base2 else SELF_PENALTY
     s = tile_matmul(qt_scaled, kt.transpose(-1, -2), ws, "scores")
     s = s.to(stat_dtype(s.dtype))  # bf16 products: softmax statistics in float32
     # in place on column views: the other slots allow every pair (no self-exclusion there)
@@ -385,9 +388,10 @@ def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
         kv = None if t.k_valid is None else t.k_valid[..., a:b]
         rules = dict(causal=p.causal, exclude_self=exclude_self, pair_mask=p.pair_mask)
         if p.causal or exclude_self or kv is not None or p.pair_mask is not None:
-            bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=s.dtype, **rules)
+            bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=s.dtype, penalty=penalty,
+                                    **rules)
             if bias is None:
-                apply_masks(view, t.q_pos, kp, k_valid=kv, inplace=True, **rules)
+                apply_masks(view, t.q_pos, kp, k_valid=kv, inplace=True, penalty=penalty, **rules)
             else:
                 view.add_(bias)
     return s
@@ -412,17 +416,20 @@ def _forward(p: _Plan, q, k, v):
             out[:, :, rows] = 0
             lse[:, :, rows] = float("-inf")
             continue
-        qt = _tile_q(p, tiles[0], q) * p.scale
+        # scores in base-2 units: the queries carry log2 e (one pass over [r, D], not one over
+        # the [r, L] scores before exp2)
+        qs = _tile_q(p, tiles[0], q) * (p.scale * LOG2_E)
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v, ws)
-            w, l, inv = softmax_weights_(_tile_scores(p, tiles[0], qt, kt, ws))
+            w, l, inv = softmax_weights_(_tile_scores(p, tiles[0], qs, kt, ws, base2=True), base2=True)
             o = tile_matmul(w.to(vt.dtype), vt).to(cdt).mul_(inv)  # normalized: [.., r, Dv]
         else:
-            state = online_init(qt.shape[:-1], v.shape[-1], cdt, q.device)
+            state = online_init(qs.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:
                 kt, vt = _tile_kv(p, t, k, v, ws)
-                state = online_update(*state, _tile_scores(p, t, qt, kt, ws), vt)
-            o, l = online_finish(*state)
+                state = online_update(*state, _tile_scores(p, t, qs, kt, ws, base2=True), vt,
+                                      base2=True)
+            o, l = online_finish(*state, base2=True)
         out[:, :, rows] = _rows_flat(p, tiles[0], o)
         lse[:, :, rows] = _rows_flat(p, tiles[0], l[..., None])[..., 0]
     return out, lse
@@ -473,13 +480,16 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
             continue
         t0 = tiles[0]
         qt = _tile_q(p, t0, q) * p.scale
+        # scores in base-2 units (exp2 with no scaling pass over the tile), from the queries
+        # scaled exactly as the forward scaled them (bf16: one rounding, the forward's)
+        qs = _tile_q(p, t0, q) * (p.scale * LOG2_E)
         dot = _tile_q(p, t0, dout)
-        lt = _tile_q(p, t0, lse_s[..., None])
+        lt = _tile_q(p, t0, lse_s[..., None]) * LOG2_E
         dt = _tile_q(p, t0, delta[..., None])
         dqt = None
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v, ws)
-            pr = exp_(_tile_scores(p, t, qt, kt, ws), lt)  # P, recomputed: [.., r, L]
+            pr = _tile_scores(p, t, qs, kt, ws, base2=True).sub_(lt).exp2_()  # P: [.., r, L]
             part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt, ws)
             dqt = part if dqt is None else dqt.add_(part)
             if t.keys is not None:
