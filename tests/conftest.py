@@ -18,6 +18,13 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 torch.set_num_threads(1)
 
+# bf16 / fp16 inputs run their low-precision paths whatever this machine's matmul rates
+# (effattn.precision's probe would pick float32 compute where bf16 is slower); the policy
+# itself is tested in test_precision.py
+from effattn.precision import set_low_precision_matmul  # noqa: E402
+
+set_low_precision_matmul("on")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from effattn.precision import low_precision_pays
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: options every method accepts without declaring them
@@ -258,7 +260,9 @@ def attention(
     allowed), ``v [B, H, Nk, Dv]``, ``padding_mask`` bool ``[B, Nk]`` (True = real token).
     Returns ``out [B, H, Nq, Dv]`` in ``q.dtype``, and with ``return_lse=True`` also the
     log-sum-exp of each query's scores ``[B, H, Nq]`` (float32, float64 for float64 input;
-    ``-inf`` for a query with nothing to attend to, whose output is zero).
+    ``-inf`` for a query with nothing to attend to, whose output is zero).  bf16 / fp16
+    inputs compute in float32 where their matmuls do not pay on the device
+    (:mod:`effattn.precision`).
     """
     s = spec(method)
     opts = check_options(s, options)
@@ -267,12 +271,18 @@ def attention(
             f"method: {s.name!r} has learned parameters; create it with effattn.get({s.name!r}, ...) "
             "and call the module"
         )
+    dtype = q.dtype if isinstance(q, torch.Tensor) else None
+    if dtype is not None and not low_precision_pays(dtype, q.device):
+        # bf16 / fp16 matmuls slower than float32 here: compute on float32 copies
+        q, k, v = (None if t is None else t.float() if isinstance(t, torch.Tensor) and
+                   t.dtype == dtype else t for t in (q, k, v))
     k, scale, shared = prepare(s, q, k, v, causal=causal, padding_mask=padding_mask,
                                scale=scale, return_lse=return_lse)
     out, lse = s.fn(
         q, k, v, causal=causal, padding_mask=padding_mask, scale=scale,
         return_lse=return_lse, shared_qk=shared, **opts,
     )
+    out = out.to(dtype) if dtype is not None else out
     return (out, lse) if return_lse else out
 
 
