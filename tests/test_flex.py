@@ -250,3 +250,54 @@ def test_longformer_equal_per_head_dilations_read_as_one():
     a = effattn.attention(q, k, v, "longformer", window=3, dilation=[2, 2], block_size=8)
     b = effattn.attention(q, k, v, "longformer", window=3, dilation=2, block_size=8)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("slow", ["flex", "own"])
+def test_auto_on_cpu_races_once_and_keeps_the_faster_backend(monkeypatch, slow):
+    """'auto' on CPU: the first call of a pattern and shape times one compiled
+    FlexAttention call against the own path and remembers the faster; later calls go
+    straight to it (no further FlexAttention call when the own path won); results equal."""
+    import time as _time
+
+    import torch._dynamo
+
+    import effattn.mechanisms.blocksparse as bs
+
+    torch._dynamo.reset()  # earlier tests' compiles may have used up dynamo's recompile limit
+    monkeypatch.setattr(_flex, "_exhausted", False)
+    monkeypatch.setattr(_flex, "MIN_SCORES", 0)
+    monkeypatch.setattr(_flex, "_races", type(_flex._races)())
+    calls = []
+    orig_flex, orig_own = _flex.forward, bs._forward
+
+    def flex_forward(*a, **kw):
+        calls.append("flex")
+        if slow == "flex":
+            _time.sleep(0.05)
+        return orig_flex(*a, **kw)
+
+    def own_forward(*a, **kw):
+        calls.append("own")
+        if slow == "own":
+            _time.sleep(0.05)
+        return orig_own(*a, **kw)
+
+    monkeypatch.setattr(_flex, "forward", flex_forward)
+    monkeypatch.setattr(bs, "_forward", own_forward)
+    q, k, v = rand_qkv(1, 2, 40, 40, 16, dtype=torch.float32, seed=11)
+    layout = torch.tensor([[[[0, 1], [0, 1], [1, 2], [2, 4], [3, 4]]]])
+
+    def run():
+        with torch.no_grad():
+            return block_sparse_attention(q, k, v, layout, block_q=8, block_k=8, scale=0.25,
+                                          need_lse=False)[0]
+
+    with flex_mode("auto"):
+        first = run()
+        assert calls == ["flex", "flex", "own"]  # compile call, timed call, own timed call
+        calls.clear()
+        second = run()
+    assert calls == (["own"] if slow == "flex" else ["flex"])
+    torch.testing.assert_close(first, second, **TOL)
+    with flex_mode("off"):
+        torch.testing.assert_close(run(), first, **TOL)

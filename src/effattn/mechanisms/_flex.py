@@ -26,7 +26,12 @@ When it is used (:func:`usable`):
 - mode (:func:`flex_mode` context manager, else the ``EFFATTN_FLEX`` environment
   variable): ``"off"`` (``0``) never, ``"on"`` (``1``) whenever possible, ``"auto"`` (the
   default) only for calls of at least :data:`MIN_SCORES` score elements, where the
-  one-time ``torch.compile`` (seconds) pays off.
+  one-time ``torch.compile`` (seconds) pays off — and on CPU only where it is faster:
+  the first such call of a pattern and shape (:func:`race_key`) times one compiled
+  FlexAttention call against one call of the engine's own tiles and keeps the faster
+  (:func:`raced`, :func:`record_race`; CPUs differ: on one 2-core AMD VM FlexAttention was
+  faster for sliding windows, on a 2-core Intel Xeon the engine, 0.075 vs 0.106 s for
+  longformer at N = 16,384).
 
 When ``torch.compile`` reaches dynamo's recompile limit (one compile per shape and
 pattern; 8 by default), torch would run FlexAttention eagerly, which materializes the
@@ -66,6 +71,9 @@ _cache: "OrderedDict[tuple, Optional[tuple]]" = OrderedDict()
 _by_identity: "OrderedDict[int, tuple]" = OrderedDict()
 _compiled = None
 _exhausted = False  # dynamo's recompile limit was hit: no more dispatch in this process
+#: "auto" on CPU: race outcomes kept (True: FlexAttention was the faster)
+RACE_SIZE = 64
+_races: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def available() -> bool:
@@ -297,3 +305,30 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
         return res, None
     out, lse = res
     return out, lse.float()
+
+
+def race_key(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[tuple]:
+    """What a FlexAttention-vs-engine race is remembered by — the block tables (the pattern),
+    shapes, dtype, causal / self-exclusion / padding — or None where no race is run (mode
+    ``"on"``, or not CPU: FlexAttention is used whenever it is usable)."""
+    if mode() != "auto" or q.device.type != "cpu":
+        return None
+    tables = block_tables(plan.kv_blocks, plan.nkb, plan.unmasked_slots())
+    return (id(tables), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, plan.causal,
+            plan.exclude_self, plan.k_valid is None, plan.pair_mask is None)
+
+
+def raced(key: Optional[tuple]) -> Optional[bool]:
+    """The remembered race outcome for ``key`` (True: FlexAttention is the faster), None
+    when not raced yet (or no race applies: ``key`` None)."""
+    if key is None or key not in _races:
+        return None
+    _races.move_to_end(key)
+    return _races[key][0]
+
+
+def record_race(key: tuple, flex_faster: bool, tables) -> None:
+    """Remember a race outcome (the tables are held so their ``id`` in the key stays theirs)."""
+    _races[key] = (flex_faster, tables)
+    while len(_races) > RACE_SIZE:
+        _races.popitem(last=False)

@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from typing import Optional
 
 import torch
@@ -652,6 +653,7 @@ def block_sparse_attention(
     need_lse: bool = True,
     full_slots: Optional[torch.Tensor] = None,
     exact_layout: bool = False,
+    race: bool = True,
 ):
     """Attention restricted to a block layout.
 
@@ -677,6 +679,9 @@ def block_sparse_attention(
         exact_layout: the caller's rules (causal, ``pair_mask``, ``k_valid``) allow no
             pair outside the listed blocks, so FlexAttention's ``mask_mod`` needs no
             listing check (a table read per score of partial blocks).
+        race: where the dispatch ``"auto"`` on CPU would race FlexAttention against the
+            own path (:mod:`effattn.mechanisms._flex`); ``False``: FlexAttention whenever
+            usable (a layout built for it whose own-path alternative is another call).
 
     Returns:
         ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
@@ -689,15 +694,45 @@ def block_sparse_attention(
                                 group_blocks=group_blocks, slot_chunk=slot_chunk,
                                 full_slots=full_slots, exact_layout=exact_layout)
     Nq = q.shape[2]
+
+    def own():
+        return RecomputedAttention.apply(qc, kc, vc, functools.partial(_forward, plan),
+                                         functools.partial(_backward, plan))
+
     res = None
     if _flex.usable(plan, qc, kc, vc, need_lse):
-        cdt = stat_dtype(q.dtype)  # FlexAttention computes in the statistics dtype
-        res = _flex.forward(plan, qc.to(cdt), kc.to(cdt), vc.to(cdt), need_lse)
+        key = _flex.race_key(plan, qc, kc, vc) if race else None
+        if _flex.raced(key) is not False:
+            cdt = stat_dtype(q.dtype)  # FlexAttention computes in the statistics dtype
+            flex = functools.partial(_flex.forward, plan, qc.to(cdt), kc.to(cdt), vc.to(cdt), need_lse)
+            res = flex()  # compiles on a new shape or pattern
+            if res is not None and key is not None and _flex.raced(key) is None:
+                res, mine = _race(key, plan, flex, own)
+                if res is None:
+                    BACKEND_CALLS["engine"] += 1
+                    out, lse = mine
+                    return out[:, :, :Nq].to(q.dtype), lse[:, :, :Nq]
     if res is not None:
         BACKEND_CALLS["flexattention"] += 1
         out, lse = res
     else:
         BACKEND_CALLS["engine"] += 1
-        out, lse = RecomputedAttention.apply(qc, kc, vc, functools.partial(_forward, plan),
-                                             functools.partial(_backward, plan))
+        out, lse = own()
     return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])
+
+
+def _race(key, plan: _Plan, flex, own):
+    """Time one (compiled) FlexAttention call against one own-path call and remember which
+    was faster (:func:`_flex.record_race`): ``(FlexAttention's result, None)`` or ``(None,
+    the own path's result)``."""
+    t0 = time.perf_counter()
+    res = flex()
+    t_flex = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mine = own()
+    t_own = time.perf_counter() - t0
+    if res is None:  # the recompile limit hit meanwhile
+        return None, mine
+    _flex.record_race(key, t_flex <= t_own, _flex.block_tables(plan.kv_blocks, plan.nkb,
+                                                               plan.unmasked_slots()))
+    return (res, None) if t_flex <= t_own else (None, mine)
