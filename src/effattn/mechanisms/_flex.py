@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -307,15 +308,40 @@ def forward(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: b
     return out, lse.float()
 
 
-def race_key(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[tuple]:
-    """What a FlexAttention-vs-engine race is remembered by — the block tables (the pattern),
-    shapes, dtype, causal / self-exclusion / padding — or None where no race is run (mode
+def cpu_race_key(device: torch.device, *parts) -> Optional[tuple]:
+    """``parts`` as a race key where races are run (mode ``"auto"`` on CPU), else None (mode
     ``"on"``, or not CPU: FlexAttention is used whenever it is usable)."""
-    if mode() != "auto" or q.device.type != "cpu":
+    if mode() != "auto" or torch.device(device).type != "cpu":
+        return None
+    return parts
+
+
+def race_key(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[tuple]:
+    """What an engine call's FlexAttention-vs-own-path race is remembered by: the block
+    tables (the pattern), shapes, dtype, causal / self-exclusion / padding / rule (or
+    None: :func:`cpu_race_key`)."""
+    if cpu_race_key(q.device) is None:
         return None
     tables = block_tables(plan.kv_blocks, plan.nkb, plan.unmasked_slots())
-    return (id(tables), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, plan.causal,
-            plan.exclude_self, plan.k_valid is None, plan.pair_mask is None)
+    return ("engine", id(tables), tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
+            plan.causal, plan.exclude_self, plan.k_valid is None, plan.pair_mask is None)
+
+
+def race(key: tuple, flex, own, hold=None):
+    """Time one (already compiled) FlexAttention call ``flex()`` (None when it cannot run)
+    against one own-path call ``own()``, remember which was faster (:func:`record_race`;
+    ``hold`` is kept with the outcome, e.g. the tables whose ``id`` is in the key) and
+    return ``(FlexAttention's result, None)`` or ``(None, the own path's result)``."""
+    t0 = time.perf_counter()
+    res = flex()
+    t_flex = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mine = own()
+    t_own = time.perf_counter() - t0
+    if res is None:  # the recompile limit hit meanwhile
+        return None, mine
+    record_race(key, t_flex <= t_own, hold)
+    return (res, None) if t_flex <= t_own else (None, mine)
 
 
 def raced(key: Optional[tuple]) -> Optional[bool]:
@@ -327,8 +353,9 @@ def raced(key: Optional[tuple]) -> Optional[bool]:
     return _races[key][0]
 
 
-def record_race(key: tuple, flex_faster: bool, tables) -> None:
-    """Remember a race outcome (the tables are held so their ``id`` in the key stays theirs)."""
-    _races[key] = (flex_faster, tables)
+def record_race(key: tuple, flex_faster: bool, hold=None) -> None:
+    """Remember a race outcome (``hold``: an object kept alive with it, so an ``id`` in the
+    key stays its own)."""
+    _races[key] = (flex_faster, hold)
     while len(_races) > RACE_SIZE:
         _races.popitem(last=False)

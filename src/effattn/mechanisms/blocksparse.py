@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import functools
 import math
-import time
 from typing import Optional
 
 import torch
@@ -707,7 +706,8 @@ def block_sparse_attention(
             flex = functools.partial(_flex.forward, plan, qc.to(cdt), kc.to(cdt), vc.to(cdt), need_lse)
             res = flex()  # compiles on a new shape or pattern
             if res is not None and key is not None and _flex.raced(key) is None:
-                res, mine = _race(key, plan, flex, own)
+                res, mine = _flex.race(key, flex, own, hold=_flex.block_tables(
+                    plan.kv_blocks, plan.nkb, plan.unmasked_slots()))
                 if res is None:
                     BACKEND_CALLS["engine"] += 1
                     out, lse = mine
@@ -719,20 +719,3 @@ def block_sparse_attention(
         BACKEND_CALLS["engine"] += 1
         out, lse = own()
     return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])
-
-
-def _race(key, plan: _Plan, flex, own):
-    """Time one (compiled) FlexAttention call against one own-path call and remember which
-    was faster (:func:`_flex.record_race`): ``(FlexAttention's result, None)`` or ``(None,
-    the own path's result)``."""
-    t0 = time.perf_counter()
-    res = flex()
-    t_flex = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mine = own()
-    t_own = time.perf_counter() - t0
-    if res is None:  # the recompile limit hit meanwhile
-        return None, mine
-    _flex.record_race(key, t_flex <= t_own, _flex.block_tables(plan.kv_blocks, plan.nkb,
-                                                               plan.unmasked_slots()))
-    return (res, None) if t_flex <= t_own else (None, mine)
