@@ -288,12 +288,19 @@ def _stream(spec, tensors, keep: bool):
             phi_q = phi_q.detach()
         nd = torch.matmul(phi_q, S)  # [B, H, r, Dv + 1]
         den = nd[..., Dv]
-        # written straight into the output (no temporary copied in): num / den, 0 where
-        # den == 0
-        empty = (den == 0)[..., None]
-        rows = torch.div(nd[..., :Dv], den.masked_fill(empty[..., 0], 1.0)[..., None],
-                         out=out[:, :, s0:s0 + Rq])
-        rows.masked_fill_(empty, 0.0)
+        # written straight into the output (no temporary copied in): num times 1 / den, 0
+        # where den == 0 (a product by per-row reciprocals instead of a division and a
+        # masked fill over [r, Dv]: at N = 16,384 those were 5.8 of linear's 16 ms forward;
+        # the division stays where a reciprocal overflows: a tiny den, large-norm performer
+        # inputs, half precision)
+        empty = den == 0
+        rows = out[:, :, s0:s0 + Rq]
+        inv = den.masked_fill(empty, 1.0).reciprocal_()
+        if bool(torch.isfinite(inv).all()):
+            torch.mul(nd[..., :Dv], inv.masked_fill_(empty, 0.0)[..., None], out=rows)
+        else:
+            torch.div(nd[..., :Dv], den.masked_fill(empty, 1.0)[..., None], out=rows)
+            rows.masked_fill_(empty[..., None], 0.0)
         if keep:
             den_all[:, :, s0:s0 + Rq] = den
     state = None
