@@ -10,7 +10,7 @@ from hypothesis import assume, given, strategies as st
 import effattn
 from effattn.mechanisms.lowrank import (
     LinformerAttention, NystromAttention, iterative_pinv, linformer_attention, nystrom_attention,
-    segment_means,
+    segment_means, sequence_projection,
 )
 from tests.helpers import finite_lse, rand_qkv, random_padding
 
@@ -277,3 +277,26 @@ def test_nystrom_options_and_contract():
     # more landmarks than tokens: clamped to N (then exact with enough iterations)
     torch.testing.assert_close(effattn.attention(q, k, v, "nystrom", n_landmarks=64, pinv_iters=40),
                                effattn.attention(q, k, v, "naive"), atol=1e-9, rtol=1e-8)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 20), k=st.integers(1, 6),
+       D=st.integers(1, 5), p_grad=st.booleans(), x_grad=st.booleans(), seed=st.integers(0, 9999))
+def test_sequence_projection_equals_matmul_with_gradients(B, H, N, k, D, p_grad, x_grad, seed):
+    """Linformer's projection (a forward on detached tensors, the backward written out)
+    is ``P @ x`` per head, with the same gradients for whichever inputs need them —
+    also for a column slice of a longer ``P`` (``E[:, :N]``)."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(k, N + 3, generator=g, dtype=torch.float64).requires_grad_(p_grad)
+    x = torch.randn(B, H, N, D, generator=g, dtype=torch.float64).requires_grad_(x_grad)
+    go = torch.randn(B, H, k, D, generator=g, dtype=torch.float64)
+    ours = sequence_projection(E[:, :N], x)
+    ref = torch.matmul(E[:, :N], x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    wants = [t for t in (E, x) if t.requires_grad]
+    if wants:
+        for a, b in zip(torch.autograd.grad(ours, wants, go), torch.autograd.grad(ref, wants, go)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    else:
+        assert not ours.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_projection(E[:, :N], x), ref.detach())

@@ -23,7 +23,7 @@ from effattn.mechanisms.exact import masked_sdpa
 from effattn.softmax import softmax_lse, stat_dtype
 
 __all__ = [
-    "linformer_attention", "LinformerAttention", "nystrom_attention", "NystromAttention",
+    "linformer_attention", "LinformerAttention", "sequence_projection", "nystrom_attention", "NystromAttention",
     "segment_means", "iterative_pinv",
 ]
 
@@ -47,6 +47,42 @@ LINFORMER_CAUSAL_ERROR = (
     "Linformer projects keys and values along the sequence (E·K, F·V), so every projected "
     "key mixes all positions and the future would leak into the past."
 )
+
+
+class _SequenceProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, P, x):
+        ctx.save_for_backward(P, x)
+        return torch.matmul(P.detach(), x.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        P, x = ctx.saved_tensors
+        dP = dx = None
+        if ctx.needs_input_grad[1]:
+            dx = torch.matmul(P.detach().t(), g)  # [B, H, N, D]
+        if ctx.needs_input_grad[0]:
+            dP = torch.zeros(P.shape, dtype=g.dtype, device=g.device)
+            for b in range(x.shape[0]):
+                for h in range(x.shape[1]):  # [k, D] @ [D, N], x's transpose read in place
+                    dP.addmm_(g[b, h], x[b, h].t())
+        return dP, dx
+
+
+def sequence_projection(P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linformer's projection along the sequence, ``P [k, N]`` times each head's ``x [B, H,
+    N, D]`` -> ``[B, H, k, D]``, differentiable in both.
+
+    ``torch.matmul(P, x)`` does not fold the heads into one ``[k, N] x [N, B·H·D]``
+    product when an input requires grad — a parameter ``P`` does even under ``no_grad`` —
+    and runs a broadcast batched product instead: 21 vs 8 ms at N = 16,384 (B = 1, H = 4,
+    D = 64, k = 256; 46 vs 30 ms forward+backward here).  So the forward multiplies the
+    detached tensors and the backward is written out: ``dx = P^T g`` (folded),
+    ``dP = sum_bh g_bh x_bh^T`` (one ``addmm`` per head, reading ``x``'s transpose in place;
+    an einsum first copies ``x`` into an ``[N, B·H·D]`` layout)."""
+    if not (torch.is_grad_enabled() and (P.requires_grad or x.requires_grad)):
+        return torch.matmul(P.detach(), x.detach())
+    return _SequenceProjection.apply(P, x)
 
 
 def linformer_attention(q, k, v, *, causal=False, padding_mask=None, scale, return_lse=False,
@@ -75,10 +111,8 @@ def linformer_attention(q, k, v, *, causal=False, padding_mask=None, scale, retu
     cdt = stat_dtype(q.dtype)
     e = E[:, :Nk].to(device=q.device, dtype=cdt)
     f = F_[:, :Nk].to(device=q.device, dtype=cdt)
-    # broadcast matmul (one [k, N] x [N, D] product per head): einsum would first permute
-    # K into an [N, B·H·D] copy (measured 90 vs 65 ms at N = 65,536)
-    kp = torch.matmul(e, _zero_padded(k.to(cdt), padding_mask))  # [B, H, k, D]
-    vp = torch.matmul(f, _zero_padded(v.to(cdt), padding_mask))
+    kp = sequence_projection(e, _zero_padded(k.to(cdt), padding_mask))  # [B, H, k, D]
+    vp = sequence_projection(f, _zero_padded(v.to(cdt), padding_mask))
     touches = None
     if padding_mask is not None:
         touches = torch.matmul(padding_mask.to(cdt), e.detach().abs().T) > 0  # [B, k]
