@@ -465,8 +465,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     ``dV = P^T dO``, ``dS = P * (dO V^T - D)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
     """
     mdt, cdt = q.dtype, stat_dtype(q.dtype)  # matmul dtype (bf16 stays bf16), statistics dtype
-    if acc is None:
-        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    if acc is None:  # every query group's rows are written below: no zero fill for dq
+        dq = torch.empty(q.shape, dtype=cdt, device=q.device)
         dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
         dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
     else:
@@ -477,6 +477,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     ws = Workspace()  # each tile's gathered keys, scores and gradients: the same memory every tile
     for rows, tiles in _tiles(p):
         if not tiles:
+            if acc is None:
+                dq[:, :, rows] = 0
             continue
         t0 = tiles[0]
         qt = _tile_q(p, t0, q) * p.scale
