@@ -64,6 +64,12 @@ def test_engine_matches_dense_reference(N, bq, bk, slots, causal, self_, pad, pe
     ref, ref_lse = dense_reference(q, k, v, layout, bq, bk, 0.7, causal, self_, k_valid, pm)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():  # no lse wanted: fused softmax where rows provably have keys
+        out2, lse2 = block_sparse_attention(
+            q, k, v, layout, block_q=bq, block_k=bk, scale=0.7, causal=causal, exclude_self=self_,
+            k_valid=k_valid, pair_mask=pm, tile_budget=64, need_lse=False)
+    assert lse2 is None
+    torch.testing.assert_close(out2, ref, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -199,6 +205,41 @@ def test_full_slots_skip_the_rules_only_where_they_allow_every_pair(N, block, re
                                     pair_mask=pair, full_slots=full)
     ref, _ = dense_reference(q, k, v, layout, block, block, 0.5, causal, shared, k_valid, pair)
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9)
+    with torch.no_grad():
+        got2, _ = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.5,
+                                         causal=causal, exclude_self=shared, k_valid=k_valid,
+                                         pair_mask=pair, full_slots=full, need_lse=False)
+    torch.testing.assert_close(got2, ref, atol=1e-10, rtol=1e-9)
+
+
+def test_no_lse_inference_takes_the_fused_softmax_where_rows_have_keys(monkeypatch):
+    """Without gradients and lse, band tiles whose rule-free slots give every row a key run
+    the fused softmax (and match); tiles with padding keys or empty slots (the sequence
+    ends) do not, and stay exact."""
+    import effattn.mechanisms.blocksparse as bs
+
+    seen = []
+    orig = bs._every_row_has_a_key
+    monkeypatch.setattr(bs, "_every_row_has_a_key", lambda p, t: seen.append(orig(p, t)) or seen[-1])
+    N, block, w = 64, 8, 12
+    q, k, v = rand_qkv(1, 2, N, N, 4, 3, seed=2)
+    nb = N // block
+    qb = torch.arange(nb)[:, None]
+    cand = qb + torch.arange(-2, 3)
+    layout = torch.where((cand >= 0) & (cand < nb), cand, -1)[None, None]
+    pair = relative(lambda a, b: (a - b).abs() <= w)
+    kb = layout.clamp(min=0)
+    full = (layout >= 0) & ((qb * block + block - 1 - kb * block).abs() <= w) & (
+        (qb * block - kb * block - block + 1).abs() <= w)
+    for k_valid in (None, torch.arange(N)[None, None] < N - 3):
+        seen.clear()
+        with torch.no_grad():
+            got, lse = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block,
+                                              scale=0.5, pair_mask=pair, full_slots=full,
+                                              k_valid=k_valid, need_lse=False, tile_budget=64)
+        ref, _ = dense_reference(q, k, v, layout, block, block, 0.5, False, False, k_valid, pair)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9)
+        assert lse is None and any(seen) and not seen[0] and not seen[-1]
 
 
 @given(G=st.integers(1, 5), r=st.integers(1, 6), L=st.integers(1, 9), seed=st.integers(0, 1000),
