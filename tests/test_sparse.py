@@ -215,3 +215,36 @@ def test_residue_classes_as_one_block_or_many_match_the_definition(class_max, ca
     gb = torch.autograd.grad((ref * go).sum(), (q, k, v))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_fixed_summary_part_on_sdpa_kernels_matches_definition(use_lse, monkeypatch):
+    """float32, non-causal, no padding: sparse_fixed's summary part (every query over every
+    summary key) runs through torch's fused CPU flash kernels inside the union — forward and
+    backward, from the union's out and lse — and still equals the paper's definition in
+    value and gradient; a loss on the lse (a nonzero lse gradient, which those kernels
+    cannot take) sends that backward to the engine, also exact."""
+    import effattn.mechanisms._union as un
+
+    calls = []
+    for name in ("_FLASH", "_FLASH_BACKWARD"):
+        fn = getattr(un, name)
+        monkeypatch.setattr(un, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    N, l, c = 48, 8, 2
+    q, k, v = (x.float().requires_grad_() for x in rand_qkv(2, 2, N, D=8, Dv=8, seed=5))
+    out, lse = effattn.attention(q, k, v, "sparse_fixed", stride=l, summary=c, block_size=4,
+                                 return_lse=True)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference(q64, k64, v64, allowed(fixed_parts(N, l, c), 2, False), False, None, False)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    gl = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2)) if use_lse else None
+    loss = (out * go).sum() + ((lse * gl).sum() if use_lse else 0)
+    loss_ref = (ref * go.double()).sum() + ((ref_lse * gl.double()).sum() if use_lse else 0)
+    ga = torch.autograd.grad(loss, (q, k, v))
+    gb = torch.autograd.grad(loss_ref, (q64, k64, v64))
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+    assert "_FLASH" in calls
+    assert ("_FLASH_BACKWARD" in calls) != use_lse

@@ -141,9 +141,11 @@ def _fixed_summary_part(N, stride, summary, block, *, scale, causal, exclude_sel
     if idx.numel() == 0:
         return None
     valid = None if padding_mask is None else padding_mask[:, idx][:, None]
+    # every query over every summary key: SDPA's fused kernels where nothing is masked
     return EnginePart(None, dict(block_q=block, block_k=min(block, idx.numel()), scale=scale,
                                  causal=causal, exclude_self=exclude_self, k_pos=idx[None, None],
-                                 k_valid=valid), keys=idx)
+                                 k_valid=valid), keys=idx,
+                      sdpa=not causal and not exclude_self and valid is None)
 
 
 # ---------------------------------------------------------------- combining the two parts
