@@ -302,3 +302,42 @@ def test_auto_on_cpu_races_once_and_keeps_the_faster_backend(monkeypatch, slow):
     torch.testing.assert_close(first, second, **TOL)
     with flex_mode("off"):
         torch.testing.assert_close(run(), first, **TOL)
+
+
+@pytest.mark.parametrize("slow", ["one_layout", "row_pieces"])
+def test_bigbird_auto_on_cpu_races_its_flex_layout_against_its_row_pieces(monkeypatch, slow):
+    """BigBird under 'auto' on CPU: the one layout on FlexAttention is raced once against the
+    own path's row pieces (after an untimed call of the pieces, in alternating rounds);
+    later calls take the winner alone; the results agree."""
+    import time as _time
+
+    import torch._dynamo
+
+    import effattn.mechanisms.bigbird as bb
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(_flex, "_exhausted", False)
+    monkeypatch.setattr(_flex, "MIN_SCORES", 0)
+    monkeypatch.setattr(_flex, "_races", type(_flex._races)())
+    calls = []
+    for name in ("_one_layout", "_row_pieces"):
+        def wrapped(*a, _orig=getattr(bb, name), _name=name, **kw):
+            calls.append(_name)
+            if _name.strip("_") == slow:
+                _time.sleep(0.05)
+            return _orig(*a, **kw)
+        monkeypatch.setattr(bb, name, wrapped)
+    q, k, v = rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32, seed=12)
+
+    def run():
+        with torch.no_grad():
+            return effattn.attention(q, k, v, "bigbird", block_size=8, n_random_blocks=1)
+
+    with flex_mode("auto"):
+        first = run()
+        assert calls == (["_one_layout", "_row_pieces"]
+                         + ["_one_layout", "_row_pieces"] * _flex.RACE_ROUNDS)
+        calls.clear()
+        second = run()
+    assert calls == (["_row_pieces"] if slow == "one_layout" else ["_one_layout"])
+    torch.testing.assert_close(first, second, **TOL)

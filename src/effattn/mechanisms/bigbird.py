@@ -144,9 +144,9 @@ def _layouts(nb: int, H: int, bs: int, n_window_blocks: int, n_global_blocks: in
 def _one_layout(q, k, v, layouts, kv, run):
     """The whole pattern as one layout call (for FlexAttention: global query blocks list
     every key block, all as full blocks).  ``layouts(rows)`` -> (layout, full); returns
-    ``(out, lse)``.  Not raced against the engine: on the engine this layout's global rows
-    are far slower than the row pieces (48 s at N = 65,536, measured), the own path BigBird
-    would otherwise take."""
+    ``(out, lse)``.  Its own race is off: on the engine this layout's global rows are far
+    slower than the row pieces (48 s at N = 65,536, measured), which :func:`bigbird` races
+    it against instead."""
     layout, full = layouts(None)
     return block_sparse_attention(q, k, v, layout, k_valid=kv, full_slots=full, race=False, **run)
 
@@ -220,13 +220,32 @@ def bigbird(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk, bloc
                need_lse=return_lse or extra is not None)
     # one layout listing every block for the global rows only where FlexAttention may take
     # it (its padded block table is bounded); elsewhere the global rows run densely
+    pieces = functools.partial(_row_pieces, q, k, v, layouts, (first, mid, last), kv, run)
     if (_flex.would_dispatch(q, k, v, run["need_lse"], B * H * N * nb * bs)
             and H * nb * nb <= _flex.MAX_TABLE):
-        # not raced against the row pieces on the engine: faster by 14-16 % in flexcmp, but a
-        # race of one call each picked the slower at 65K in a bench run (0.513 vs 0.459 s)
-        out, lse = _one_layout(q, k, v, layouts, kv, run)
+        # "auto" on CPU: the one layout on FlexAttention raced once against the row pieces on
+        # the engine alone (no FlexAttention compile or race nested in their timing).  On the
+        # 2-core Xeon the pieces took 85 vs 104-108 ms at N = 16,384 and 382-393 vs 449-452
+        # ms at 65,536 once their no-lse tiles ran the fused softmax (an earlier one-call
+        # race, before that, picked them at 65K where they then ran slower)
+        key = _flex.cpu_race_key(q.device, "bigbird", tuple(q.shape), tuple(k.shape), q.dtype,
+                                 block_size, n_window_blocks, n_global_blocks, n_random_blocks,
+                                 seed, causal, shared_qk, padding_mask is None)
+
+        def own():
+            with _flex.flex_mode("off"):
+                return pieces()
+
+        if _flex.raced(key) is False:
+            out, lse = own()
+        else:
+            one = functools.partial(_one_layout, q, k, v, layouts, kv, run)
+            out, lse = one()  # compiles on a new shape
+            if key is not None and _flex.raced(key) is None:
+                res, mine = _flex.race(key, one, own)
+                out, lse = res if res is not None else mine
     else:
-        out, lse = _row_pieces(q, k, v, layouts, (first, mid, last), kv, run)
+        out, lse = pieces()
     if extra is not None:
         _, gk, gv = (t.to(dtype).expand(B, -1, -1, -1) for t in extra)
         # a sequence with no real token has no global summary either: its rows stay empty
