@@ -323,8 +323,8 @@ def test_backend_of_the_timed_calls_is_recorded():
 
 def test_kept_scratch_counts_in_memory_but_its_refault_is_not_timed():
     """lsh keeps a workspace between calls: the memory call frees it first (so the peak
-    includes it) and is then left out of the ``repeats`` timed calls; a method without
-    kept scratch has its memory call timed as the first repeat."""
+    includes it); that call — for every method, as it starts from a trimmed heap — is left
+    out of the ``repeats`` timed calls."""
     from effattn.bench.measure import time_case
     from effattn.mechanisms.lsh import _workspace, release_workspace
 
@@ -336,4 +336,4 @@ def test_kept_scratch_counts_in_memory_but_its_refault_is_not_timed():
     assert res["peak_mem_bytes"] >= kept
     release_workspace()  # (each bench case has a process of its own)
     full = time_case(_time_task(method_target("full", cfgmod.MethodSettings()), N=128, repeats=2))
-    assert len(full["times"]) == 2 and full["times"][0] == full["memory_call_s"]
+    assert len(full["times"]) == 2 and full["memory_call_s"] not in full["times"]

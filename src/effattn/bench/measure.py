@@ -159,9 +159,10 @@ def time_case(task: dict) -> dict:
     of a fixed random output gradient).  Peak memory is measured over the first call after
     the warm-up (the first call when ``warmup = 0``), so one-time costs (``torch.compile``
     of a FlexAttention dispatch, caches) count neither in time nor memory; the first call's
-    time is reported on its own as ``first_call_s``.  Scratch a method keeps between calls
-    (lsh's workspace) is freed before the memory call, so its peak counts it; that call then
-    re-faults the scratch and is not one of the timed ones (its time: ``memory_call_s``).
+    time is reported on its own as ``first_call_s``.  The memory call starts from a trimmed
+    heap (and with scratch a method keeps between calls, lsh's workspace, freed, so its peak
+    counts it): it pays page faults steady-state calls do not — for every method, ours and
+    the peers' alike — so it is never one of the timed ones (its time: ``memory_call_s``).
     Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float,
     "memory_call_s": float, "matmul_gflops": float`` (:func:`matmul_rate` measured in the
     case's process right after its timed calls),
@@ -198,15 +199,16 @@ def time_case(task: dict) -> dict:
     calls_before = dict(BACKEND_CALLS)
     # scratch a method keeps between calls (lsh's workspace) counts in its peak: freed
     # here, it is allocated again inside the memory-measured call -- whose time then
-    # includes faulting those pages in, a cost steady-state calls never pay, so that call
-    # is left out of the timed ones (and reported as memory_call_s)
-    released = release_workspace()
+    # includes faulting those pages in, as does every method's memory call after the heap
+    # trim in mem.start(): a cost steady-state calls never pay, so that call is left out of
+    # the timed ones (and reported as memory_call_s)
+    release_workspace()
     mem.start()
     t0 = time.perf_counter()
     call()
     memory_call = time.perf_counter() - t0
     peak = mem.peak_above()
-    times = [] if released else [memory_call]
+    times = []
     while len(times) < max(1, task["repeats"]):
         t0 = time.perf_counter()
         call()
