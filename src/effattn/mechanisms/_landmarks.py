@@ -8,9 +8,9 @@
   probabilities — as large as ``k`` when ``L = D`` — are kept for the backward (one fused
   softmax over long rows, no recomputation).
 
-Both are autograd Functions with the backward written out (``dV = P^T dO``, ``dS =
-P * (dO V^T - rowsum(dO * P))`` through torch's fused softmax backward, ``dQ = s dS K``,
-``dK = s dS^T Q``) that hand back fresh contiguous gradients.  Why not SDPA in training:
+Both are autograd Functions with the backward written out (``dV = P^T dO``, ``dP = dO
+V^T``, ``dS = P * (dP - rowsum(dP * P))`` through torch's fused softmax backward, ``dQ = s
+dS K``, ``dK = s dS^T Q``) that hand back fresh contiguous gradients.  Why not SDPA in training:
 measured on the 2-core CPU (B = 1, H = 4, D = 64, L = 64, forward+backward), torch
 2.13's fused CPU kernels took 30 / 151 ms (N = 16,384 / 65,536) for the first product
 against 21 / 119 here, and 35 / 175 ms for the second against 18 / 106 (its backward also
