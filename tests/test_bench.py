@@ -326,14 +326,14 @@ def test_kept_scratch_counts_in_memory_but_its_refault_is_not_timed():
     includes it); that call — for every method, as it starts from a trimmed heap — is left
     out of the ``repeats`` timed calls."""
     from effattn.bench.measure import time_case
-    from effattn.mechanisms.lsh import _workspace, release_workspace
+    from effattn.mechanisms._scratch import kept_bytes, release_workspaces
 
     lsh = method_target("lsh", cfgmod.MethodSettings(options={"n_hashes": 2, "chunk_len": 16},
                                                     shared_qk=True))
     res = time_case(_time_task(lsh, N=512, repeats=2))
-    kept = _workspace().nbytes()
+    kept = kept_bytes()
     assert kept > 0 and len(res["times"]) == 2 and res["memory_call_s"] > 0
     assert res["peak_mem_bytes"] >= kept
-    release_workspace()  # (each bench case has a process of its own)
+    release_workspaces()  # (each bench case has a process of its own)
     full = time_case(_time_task(method_target("full", cfgmod.MethodSettings()), N=128, repeats=2))
     assert len(full["times"]) == 2 and full["memory_call_s"] not in full["times"]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from effattn.masks import SELF_PENALTY, PairMask, apply_masks, shared_tile_bias
 from effattn.mechanisms import _flex
-from effattn.mechanisms._scratch import Workspace
+from effattn.mechanisms._scratch import Workspace, kept_workspace
 from effattn.softmax import (
     LOG2_E, online_finish, online_init, online_update, output_delta, safe_lse, softmax_weights_,
     stat_dtype)
@@ -371,6 +371,14 @@ def _tile_q(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
     return xr.reshape(x.shape[0], x.shape[1], t.shape_q, p.block_q, x.shape[-1])
 
 
+def _tile_q_scaled(p: _Plan, t: _Tile, x: torch.Tensor, factor: float, ws: Workspace,
+                   name: str) -> torch.Tensor:
+    """``_tile_q(p, t, x) * factor`` written into the workspace buffer ``name`` (a fresh
+    tensor per group paid its page faults on every call)."""
+    xr = _tile_q(p, t, x)
+    return torch.mul(xr, factor, out=ws.get(name, xr.shape, xr))
+
+
 def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
                  ws: Optional[Workspace] = None, base2: bool = False) -> torch.Tensor:
     """Masked scores ``[.., r, L]`` (statistics dtype) of a tile (in ``ws`` when given);
@@ -424,7 +432,8 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True):
     cdt = stat_dtype(q.dtype)
     out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device) if need_lse else None
-    ws = Workspace()  # each tile's gathered keys and scores: the same memory every tile
+    ws = kept_workspace("engine", q.device)  # tiles' gathered keys and scores: the same memory
+    # every tile and every call
     for rows, tiles in _tiles(p):
         if not tiles:  # causal dense group with no key tile at all
             out[:, :, rows] = 0
@@ -434,13 +443,13 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True):
         if not need_lse and len(tiles) == 1 and _every_row_has_a_key(p, tiles[0]):
             t = tiles[0]
             kt, vt = _tile_kv(p, t, k, v, ws)
-            s = _tile_scores(p, t, _tile_q(p, t, q) * p.scale, kt, ws)
+            s = _tile_scores(p, t, _tile_q_scaled(p, t, q, p.scale, ws, "qs"), kt, ws)
             o = tile_matmul(torch.softmax(s, -1, out=s).to(vt.dtype), vt).to(cdt)
             out[:, :, rows] = _rows_flat(p, t, o)
             continue
         # scores in base-2 units: the queries carry log2 e (one pass over [r, D], not one over
         # the [r, L] scores before exp2)
-        qs = _tile_q(p, tiles[0], q) * (p.scale * LOG2_E)
+        qs = _tile_q_scaled(p, tiles[0], q, p.scale * LOG2_E, ws, "qs")
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v, ws)
             w, l, inv = softmax_weights_(_tile_scores(p, tiles[0], qs, kt, ws, base2=True), base2=True)
@@ -458,9 +467,11 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True):
     return out, lse
 
 
-def tile_gradients(pr, qt, kt, vt, dot, dt, ws: Optional[Workspace] = None):
-    """Gradients of one score tile (FlashAttention-2 backward); with ``ws``, ``dk`` and
-    ``dv`` and the score gradient live in its buffers (valid until the next tile).
+def tile_gradients(pr, qt, kt, vt, dot, dt, ws: Optional[Workspace] = None,
+                   names=("dv", "ds", "dk", "dq")):
+    """Gradients of one score tile (FlashAttention-2 backward); with ``ws``, ``dv``, the
+    score gradient, ``dk`` and ``dq`` live in its buffers ``names`` (valid until those
+    names are requested again).
 
     Args:
         pr: ``[.., r, L]`` probabilities ``exp(S - lse)`` (statistics dtype; overwritten).
@@ -473,10 +484,12 @@ def tile_gradients(pr, qt, kt, vt, dot, dt, ws: Optional[Workspace] = None):
         ``dk [.., L, D]``, ``dv [.., L, Dv])``.
     """
     mdt, cdt = dot.dtype, pr.dtype
-    dvt = tile_matmul(pr.to(mdt).transpose(-1, -2), dot, ws, "dv")
-    ds = tile_matmul(dot, vt.transpose(-1, -2), ws, "ds").to(cdt).sub_(dt).mul_(pr)
+    dv_name, ds_name, dk_name, dq_name = names
+    dvt = tile_matmul(pr.to(mdt).transpose(-1, -2), dot, ws, dv_name)
+    ds = tile_matmul(dot, vt.transpose(-1, -2), ws, ds_name).to(cdt).sub_(dt).mul_(pr)
     ds_m = ds.to(mdt)
-    return tile_matmul(ds_m, kt).to(cdt), tile_matmul(ds_m.transpose(-1, -2), qt, ws, "dk"), dvt
+    return (tile_matmul(ds_m, kt, ws, dq_name).to(cdt),
+            tile_matmul(ds_m.transpose(-1, -2), qt, ws, dk_name), dvt)
 
 
 def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
@@ -497,17 +510,17 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     delta = output_delta(dout, out, dlse)
     dout = dout.to(mdt)
     lse_s = safe_lse(lse)
-    ws = Workspace()  # each tile's gathered keys, scores and gradients: the same memory every tile
+    ws = kept_workspace("engine", q.device)  # tiles' gathered keys, scores and gradients
     for rows, tiles in _tiles(p):
         if not tiles:
             if acc is None:
                 dq[:, :, rows] = 0
             continue
         t0 = tiles[0]
-        qt = _tile_q(p, t0, q) * p.scale
+        qt = _tile_q_scaled(p, t0, q, p.scale, ws, "qt")
         # scores in base-2 units (exp2 with no scaling pass over the tile), from the queries
         # scaled exactly as the forward scaled them (bf16: one rounding, the forward's)
-        qs = _tile_q(p, t0, q) * (p.scale * LOG2_E)
+        qs = _tile_q_scaled(p, t0, q, p.scale * LOG2_E, ws, "qs")
         dot = _tile_q(p, t0, dout)
         lt = _tile_q(p, t0, lse_s[..., None]) * LOG2_E
         dt = _tile_q(p, t0, delta[..., None])
@@ -515,7 +528,8 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
         for t in tiles:
             kt, vt = _tile_kv(p, t, k, v, ws)
             pr = _tile_scores(p, t, qs, kt, ws, base2=True).sub_(lt).exp2_()  # P: [.., r, L]
-            part, dkt, dvt = tile_gradients(pr, qt, kt, vt, dot, dt, ws)
+            part, dkt, dvt = tile_gradients(  # later tiles' dq parts: a buffer of their own
+                pr, qt, kt, vt, dot, dt, ws, ("dv", "ds", "dk", "dq" if dqt is None else "dq_part"))
             dqt = part if dqt is None else dqt.add_(part)
             if t.keys is not None:
                 dk[:, :, t.keys] += dkt

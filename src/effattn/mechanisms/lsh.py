@@ -38,8 +38,8 @@ into the per-token result with the log-sum-exp merge as they come, and the backw
 recomputes each group's copies and tiles from ``q, k, v`` and the merged ``out, lse``
 (the merged statistics make each group's share of the gradient exact); the hash is
 computed in slices of positions.  A group's gathers, scores and outputs live in scratch
-buffers each thread keeps between calls (about one group's worth;
-:func:`release_workspace` frees them): one batched matmul covers every (batch, head).
+buffers each thread keeps between calls on the CPU (about one group's worth;
+:func:`~effattn.mechanisms._scratch.release_workspaces` frees them): one batched matmul covers every (batch, head).
 
 Separate keys (``k`` given): queries and keys are hashed with the same rotations and
 sorted separately; sorted query chunk ``c`` is paired with sorted key chunk ``c`` (and
@@ -66,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
 from typing import Optional
 
 import torch
@@ -74,7 +73,7 @@ import torch.nn.functional as F
 
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length, flat_rows, take_rows
-from effattn.mechanisms._scratch import Workspace
+from effattn.mechanisms._scratch import Workspace, kept_workspace
 from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
@@ -360,29 +359,6 @@ def chunk_layout(n_chunks: int, n_chunks_before: int, n_chunks_after: int,
     gid = (first + j + offs_t) % n_chunks
     dup = (gid[:, :, None] == gid[:, None, :]).tril(-1).any(-1)  # repeats an earlier slot
     return global_ids, torch.where(dup, torch.full_like(local, -1), local)
-
-
-_THREAD_STATE = threading.local()
-
-
-def _workspace() -> Workspace:
-    """This thread's LSH :class:`~effattn.mechanisms._scratch.Workspace` (created on first
-    use), kept between calls: its size is bounded by one group's buffers
-    (:data:`GROUP_GATHER_BYTES` of sorted copies plus its scores); nothing handed out
-    escapes a call (groups copy their results into the call's own tensors);
-    :func:`release_workspace` frees it."""
-    ws = getattr(_THREAD_STATE, "workspace", None)
-    if ws is None:
-        ws = _THREAD_STATE.workspace = Workspace()
-    return ws
-
-
-def release_workspace() -> int:
-    """Free the calling thread's LSH scratch buffers (kept between calls, about one group's
-    worth: tens of MB); returns the bytes released.  The next call allocates them again."""
-    ws = getattr(_THREAD_STATE, "workspace", None)
-    _THREAD_STATE.workspace = None
-    return 0 if ws is None else ws.nbytes()
 
 
 @dataclasses.dataclass
@@ -676,7 +652,8 @@ def _group_backward(g: _Sorted, q, k, v, out, lse_s, delta, dout, dlse, first: i
     pr.view(-1, count + S - 1, C, S * C)[:, count:].zero_()  # junk chunks add nothing
     dot = _gather_rows(dout, grp.q_idx, ws, "dout").to(vw.dtype).view(U, C, -1)
     dq, dkt, dvt = tile_gradients(pr, qv.view(U, C, -1), _band(kw, U, S, C), _band(vw, U, S, C),
-                                  dot, delta.view(-1).index_select(0, grp.q_idx).view(U, C, 1))
+                                  dot, delta.view(-1).index_select(0, grp.q_idx).view(U, C, 1),
+                                  ws, ("tile_dv", "tile_ds", "tile_dk", "tile_dq"))
     m = kw.shape[0] - pad
     return (grp.rows, dq.mul_(g.scale).view(U * C, -1), grp.k_rows,
             _unband(dkt.to(dq.dtype), S, C, ws, "dk")[:m], _unband(dvt.to(dq.dtype), S, C, ws, "dv")[:m])
@@ -705,7 +682,7 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     cdt = stat_dtype(v.dtype)  # results and merges in the statistics dtype (bf16 inputs too)
     out, lse, out_f, lse_f = _spare_row_results(B, H, n, Dv, cdt, v.device)
     rounds = []
-    ws = _workspace()
+    ws = kept_workspace("lsh", v.device)
     for r, first, count in g.groups():
         if keep_rounds and first == r * (g.seqlen // g.chunk_len):
             out, lse, out_f, lse_f = _spare_row_results(B, H, n, Dv, cdt, v.device)
@@ -735,7 +712,7 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     dq, dk_f, dv_f = dq_f[:-1].view(B, H, n, D), dk.view(-1, D), dv.view(-1, Dv)
     lse_s = safe_lse(lse.to(cdt))
     delta = output_delta(dout, out, dlse)
-    ws = _workspace()
+    ws = kept_workspace("lsh", q.device)
     for _, first, count in g.groups():
         qrows, gq, krows, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,
                                                    first, count, ws)
