@@ -183,16 +183,18 @@ def flat_rows(pos: torch.Tensor, B: int, H: int, n: int) -> torch.Tensor:
     return (pos.expand(B, H, pos.shape[-1]) + base).reshape(-1)
 
 
-def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, idx: torch.Tensor, ws=None, name: str = "") -> torch.Tensor:
     """``x [B, H, N, F]`` (or ``[B, H, N]``) at positions ``idx [B|1, H|1, L]`` -> ``[B, H, L,
-    F]`` (``[B, H, L]``); differentiable.  One ``index_select`` over a 2-D view: 2x faster
-    than ``index_select`` along dim 2 for ``[1, 4, 16384, 64]`` (14x for ``[B, H, N]``), and
+    F]`` (``[B, H, L]``); differentiable without ``ws``; with a
+    :class:`~effattn.mechanisms._scratch.Workspace` ``ws``, written into its buffer
+    ``name`` (no gradient).  One ``index_select`` over a 2-D view: 2x faster than
+    ``index_select`` along dim 2 for ``[1, 4, 16384, 64]`` (14x for ``[B, H, N]``), and
     several times faster than ``gather`` with an expanded index."""
     B, H, N = x.shape[:3]
     rows = flat_rows(idx, B, H, N)
-    if x.dim() == 3:
-        return x.reshape(B * H * N).index_select(0, rows).view(B, H, -1)
-    return x.reshape(B * H * N, x.shape[-1]).index_select(0, rows).view(B, H, -1, x.shape[-1])
+    flat = x.reshape(B * H * N, *x.shape[3:])
+    out = None if ws is None else ws.get(name, (rows.shape[0], *x.shape[3:]), x)
+    return torch.index_select(flat, 0, rows, out=out).view(B, H, -1, *x.shape[3:])
 
 
 def merge_parts(*parts):

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from effattn.mechanisms._layout import flat_rows, take_rows
+from effattn.mechanisms._scratch import Workspace, kept_workspace
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_attention, block_sparse_backward,
     block_sparse_forward,
@@ -95,25 +96,29 @@ class EnginePart:
             return take_rows(x, self.keys[None, None])
         return x if self.k_stop is None else x[:, :, :self.k_stop]
 
-    def _inputs(self, q, k, v):
+    def _inputs(self, q, k, v, ws: Optional[Workspace] = None):
+        """The part's ``(q, k, v)``: slices or views, or reordered copies (in ``ws``'s
+        buffers when given: no gradient)."""
         if self.rows is not None:
             r = self.rows[None, None]
-            return take_rows(q, r), take_rows(k, r), take_rows(v, r)
+            return tuple(take_rows(x, r, ws, name) for x, name in zip((q, k, v), "qkv"))
         return self._q(q), self._kv(k), self._kv(v)
 
-    def _query_order(self, x: torch.Tensor, padding=None) -> torch.Tensor:
+    def _query_order(self, x: torch.Tensor, padding=None, ws: Optional[Workspace] = None,
+                     name: str = "") -> torch.Tensor:
         """Per-query tensor ``[B, H, N, ·]`` or ``[B, H, N]`` in the part's query order (its
-        rows only, with ``q_rows``); padding slots get the value ``padding`` (None:
-        whatever row they repeat)."""
+        rows only, with ``q_rows``; reordered copies in ``ws``'s buffer ``name`` when
+        given); padding slots get the value ``padding`` (None: whatever row they repeat)."""
         if self.rows is None:
             return self._q(x)
-        y = take_rows(x, self.rows[None, None])
+        y = take_rows(x, self.rows[None, None], ws, name)
         if padding is not None and not bool(self.real.all()):
-            y = y.masked_fill(~self.real.view(-1, *([1] * (y.dim() - 3))), padding)
+            y.masked_fill_(~self.real.view(-1, *([1] * (y.dim() - 3))), padding)
         return y
 
-    def _original_order(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.rows is None else take_rows(x, self.back[None, None])
+    def _original_order(self, x: torch.Tensor, ws: Optional[Workspace] = None,
+                        name: str = "") -> torch.Tensor:
+        return x if self.rows is None else take_rows(x, self.back[None, None], ws, name)
 
     def attend(self, q, k, v, need_lse: bool = True):
         """The part alone, differentiable (FlexAttention where it serves): ``q [B,H,N,D]``,
@@ -128,20 +133,25 @@ class EnginePart:
         original order (the ``q_rows`` only, with those)."""
         if self._flash(q, v):
             return _FLASH(*self._inputs(q, k, v), 0.0, False, scale=self.options["scale"])
-        out, lse = block_sparse_forward(*self._inputs(q, k, v), self.kv_blocks, **self.options)
+        # reordered inputs in the thread's kept buffers (16 MB each at N = 16,384, H = 4:
+        # page-faulted in afresh every call otherwise); the results are fresh tensors
+        ws = kept_workspace("union", q.device)
+        out, lse = block_sparse_forward(*self._inputs(q, k, v, ws), self.kv_blocks, **self.options)
         return self._original_order(out), self._original_order(lse)
 
     def backward(self, q, k, v, out, lse, dout, dlse, grads) -> None:
         """Add this part's share of the gradient of a union whose final ``out [B,H,N,Dv]``,
         ``lse [B,H,N]`` and their gradients ``dout``, ``dlse`` (or None) are given into
         ``grads = [dq, dk, dv]`` (statistics dtype, shapes of q, k, v, contiguous)."""
-        qp, kp, vp = self._inputs(q, k, v)
+        ws = kept_workspace("union", q.device)  # reordered copies: the thread's kept buffers
+        qp, kp, vp = self._inputs(q, k, v, ws)
         # padding slots: zero output gradient and lse = +inf, so their probabilities (and
         # every gradient they would add to the real keys) are 0, not exp(S - lse of a
         # row they repeat), which can overflow
-        args = (qp, kp, vp, self._query_order(out), self._query_order(lse, float("inf")),
-                self._query_order(dout, 0.0), None if dlse is None else self._query_order(dlse, 0.0),
-                self.kv_blocks)
+        args = (qp, kp, vp, self._query_order(out, None, ws, "out"),
+                self._query_order(lse, float("inf"), ws, "lse"),
+                self._query_order(dout, 0.0, ws, "dout"),
+                None if dlse is None else self._query_order(dlse, 0.0, ws, "dlse"), self.kv_blocks)
         dq_acc, dk_acc, dv_acc = grads
         if self._flash(q, v) and (dlse is None or not bool(dlse.any())):
             dq, dk, dv = _FLASH_BACKWARD(args[5].contiguous(), qp, kp, vp, args[3].to(qp.dtype),
@@ -161,7 +171,7 @@ class EnginePart:
         dq, dk, dv = block_sparse_backward(*args, **self.options)
         if self.rows is not None:  # padding slots are masked keys: their gradients are 0
             for acc, g in zip(grads, (dq, dk, dv)):
-                acc.add_(self._original_order(g))
+                acc.add_(self._original_order(g, ws, "grad"))
             return
         self._q(dq_acc).add_(dq)
         _add_rows_(dk_acc, self.keys, dk)
