@@ -307,7 +307,8 @@ def test_registration_and_flops():
 
 def test_rounds_split_over_calls_recompute_and_match_one_call(monkeypatch):
     """Rounds batched in one engine call, or one per call with recomputation in backward
-    (the long-sequence path): same outputs, lse and gradients."""
+    (the long-sequence path), or merged in slices of a few rows: same outputs, lse and
+    gradients."""
     import effattn.mechanisms.lsh as lsh_mod
 
     q, _, v = rand_qkv(2, 2, 40, 40, 8, grad=True, seed=7)
@@ -322,10 +323,13 @@ def test_rounds_split_over_calls_recompute_and_match_one_call(monkeypatch):
     one = run()
     monkeypatch.setattr(lsh_mod, "GROUP_GATHER_BYTES", 1)
     split = run()
-    torch.testing.assert_close(split[0], one[0])
-    torch.testing.assert_close(split[1], one[1])
-    for a, b in zip(split[2], one[2]):
-        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(lsh_mod, "MERGE_ROWS", 7)  # rounds merged in slices of 7 rows
+    sliced = run()
+    for got in (split, sliced):
+        torch.testing.assert_close(got[0], one[0])
+        torch.testing.assert_close(got[1], one[1])
+        for a, b in zip(got[2], one[2]):
+            torch.testing.assert_close(a, b)
 
 
 @given(h=st.integers(1, 40), lo=st.integers(-4, 0), hi=st.integers(1, 4), seed=st.integers(0, 1000))
