@@ -160,8 +160,8 @@ def time_case(task: dict) -> dict:
     the warm-up (the first call when ``warmup = 0``), so one-time costs (``torch.compile``
     of a FlexAttention dispatch, caches) count neither in time nor memory; the first call's
     time is reported on its own as ``first_call_s``.  The memory call starts from a trimmed
-    heap (and with scratch a method keeps between calls, lsh's workspace, freed, so its peak
-    counts it): it pays page faults steady-state calls do not — for every method, ours and
+    heap (and with scratch a method keeps between calls, the engine's and lsh's workspaces,
+    freed, so its peak counts it): it pays page faults steady-state calls do not — for every method, ours and
     the peers' alike — so it is never one of the timed ones (its time: ``memory_call_s``).
     Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float,
     "memory_call_s": float, "matmul_gflops": float`` (:func:`matmul_rate` measured in the
@@ -197,8 +197,8 @@ def time_case(task: dict) -> dict:
         call()
         first = time.perf_counter() - t0 if first is None else first
     calls_before = dict(BACKEND_CALLS)
-    # scratch a method keeps between calls (the engine's and lsh's workspaces) counts in its peak: freed
-    # here, it is allocated again inside the memory-measured call -- whose time then
+    # scratch a method keeps between calls (the engine's and lsh's workspaces) counts in its
+    # peak: freed here, it is allocated again inside the memory-measured call -- whose time then
     # includes faulting those pages in, as does every method's memory call after the heap
     # trim in mem.start(): a cost steady-state calls never pay, so that call is left out of
     # the timed ones (and reported as memory_call_s)

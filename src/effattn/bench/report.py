@@ -88,8 +88,9 @@ def render(results: dict) -> str:
         "- memory: peak above the process after creating the inputs (CPU: resident-set high-water "
         "mark; CUDA: max_memory_allocated), over the first call after the warm-up (one-time "
         "compile costs are not counted; `results.json` keeps each case's `first_call_s`); scratch "
-        "kept between calls (lsh's workspace) is freed before it and counts; that call starts "
-        "from a trimmed heap and is not one of the timed ones (`memory_call_s`)",
+        "kept between calls (the block-sparse engine's and lsh's workspaces) is freed before it "
+        "and counts; that call starts from a trimmed heap and is not one of the timed ones "
+        "(`memory_call_s`)",
         "- backend: for methods on the block-sparse engine, what ran the timed calls — `engine` "
         "(effattn's own tiles) or `flexattention` (compiled torch FlexAttention, no-grad CPU / "
         "CUDA calls without lse; switch with `EFFATTN_FLEX=off|auto|on`)",
