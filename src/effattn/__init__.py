@@ -5,6 +5,7 @@
 >>> out = effattn.attention(q, k, v, method="lsh", n_hashes=4, chunk_len=64, seed=0)
 """
 
+from effattn.allocator import retain_freed_memory
 from effattn.api import attention, get, methods
 from effattn.nn import (
     CausalLM,
@@ -19,7 +20,7 @@ from effattn.nn import (
 )
 
 __all__ = [
-    "attention", "get", "methods",
+    "attention", "get", "methods", "retain_freed_memory",
     "MultiheadAttention", "TransformerBlock", "ChunkedFeedForward", "ReversibleBlock",
     "ReversibleSequence", "TransformerStack", "EncoderClassifier", "CausalLM", "ViT",
 ]

@@ -51,6 +51,7 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="timed calls per case"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds per case"),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="cap each case's memory growth (MB)"),
+    retain_freed_memory: Optional[bool] = typer.Option(None, "--retain-freed-memory/--default-malloc", help="every case's process (ours and the peers') asks glibc to keep freed memory (effattn.retain_freed_memory): fewer page faults"),
     accuracy_lengths: Optional[List[str]] = typer.Option(None, "--accuracy-lengths", help="N for the accuracy cases"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda"),
     out: Optional[str] = typer.Option(None, "--out", help="output folder (default bench-results/<timestamp>/)"),
@@ -67,6 +68,7 @@ def bench(
             "methods": _split(methods), "lengths": _lengths(lengths), "batch": batch, "heads": heads,
             "dim": dim, "dtype": dtype, "backward": backward, "causal": causal, "peers": peers,
             "repeats": repeats, "timeout": timeout, "max_memory_mb": max_memory,
+            "retain_freed_memory": retain_freed_memory,
             "accuracy_lengths": _lengths(accuracy_lengths), "device": device,
         }
         if long and preset not in (None, "long"):

@@ -75,6 +75,7 @@ class BenchConfig:
     timeout: float = 90.0
     max_memory_mb: float = 0.0
     threads: int = 0
+    retain_freed_memory: bool = False
     device: str = "cpu"
     accuracy_lengths: list = dataclasses.field(default_factory=lambda: [1024])
     accuracy_families: list = dataclasses.field(default_factory=lambda: list(FAMILIES))
@@ -235,7 +236,7 @@ def validate(cfg: BenchConfig, registered: list) -> BenchConfig:
         raise ConfigError(f"dtype: expected one of {list(DTYPES)}, got {cfg.dtype!r}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device: expected one of {list(DEVICES)}, got {cfg.device!r}")
-    for name in ("backward", "causal", "peers"):
+    for name in ("backward", "causal", "peers", "retain_freed_memory"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}: expected true or false, got {getattr(cfg, name)!r}")
     for m in list(cfg.methods) + list(cfg.exclude):

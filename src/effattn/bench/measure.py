@@ -14,8 +14,6 @@ Memory: on CPU the peak resident set above the baseline taken after the inputs e
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import multiprocessing
 import os
@@ -27,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from effattn.allocator import release_free_heap, retain_freed_memory
 from effattn.bench.cases import make_inputs
 from effattn.bench.targets import NotApplicable, Target, build
 from effattn.mechanisms.blocksparse import BACKEND_CALLS
@@ -83,18 +82,7 @@ def _release_free_heap() -> None:
     so the baseline RSS counts live memory only: blocks below the mmap threshold (e.g. a
     streamed method's chunk buffers) stay resident after the warm-up call and would
     otherwise hide inside the baseline and be reused unseen by the measured call."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    release_free_heap()
 
 
 class PeakMemory:
@@ -263,8 +251,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _child_main(task: dict, conn) -> None:
-    """Subprocess body: set threads and memory cap, run the case, send the result dict."""
+    """Subprocess body: set threads, malloc policy and memory cap, run the case, send the
+    result dict."""
     try:
+        if task.get("retain_freed_memory"):  # before the case allocates anything
+            retain_freed_memory()
         if task.get("threads"):
             torch.set_num_threads(task["threads"])
         if task.get("max_memory_mb"):

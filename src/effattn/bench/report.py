@@ -84,7 +84,8 @@ def render(results: dict) -> str:
         f"{'forward+backward' if cfg['backward'] else 'forward only (no_grad)'}",
         f"- time: median of {cfg['repeats']} calls after {cfg['warmup']} warm-up call(s), spread = "
         "interquartile range; each case in its own subprocess (timeout "
-        f"{cfg['timeout']:g} s{', memory cap %g MB' % cfg['max_memory_mb'] if cfg['max_memory_mb'] else ''})",
+        f"{cfg['timeout']:g} s{', memory cap %g MB' % cfg['max_memory_mb'] if cfg['max_memory_mb'] else ''}"
+        f"{'; glibc keeps freed memory in every case (--retain-freed-memory)' if cfg.get('retain_freed_memory') else ''})",
         "- memory: peak above the process after creating the inputs (CPU: resident-set high-water "
         "mark; CUDA: max_memory_allocated), over the first call after the warm-up (one-time "
         "compile costs are not counted; `results.json` keeps each case's `first_call_s`); scratch "

@@ -63,7 +63,8 @@ def _task(cfg: BenchConfig, target: Target, N: int, mode: str) -> dict:
     return {"mode": mode, "target": target, "N": N, "batch": cfg.batch, "heads": cfg.heads,
             "dim": cfg.dim, "dim_v": cfg.dv, "dtype": cfg.dtype, "device": cfg.device,
             "causal": cfg.causal, "backward": cfg.backward, "repeats": cfg.repeats,
-            "warmup": cfg.warmup, "threads": cfg.threads, "max_memory_mb": cfg.max_memory_mb}
+            "warmup": cfg.warmup, "threads": cfg.threads, "max_memory_mb": cfg.max_memory_mb,
+            "retain_freed_memory": cfg.retain_freed_memory}
 
 
 def _applicable(target: Target, N: int, causal: bool) -> Optional[str]:
