@@ -315,6 +315,8 @@ def test_band_tiles_run_on_views_and_match_the_reference_with_gradients(
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(bs, "_band_start", spy)
+        m.setattr(bs, "TILE_CACHE_SIZE", 0)  # the tiles are cut in this call, not recalled
+        bs.clear_tile_cache()
         out, lse = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.6,
                                           causal=causal, k_valid=kv, group_blocks=group)
     ref, ref_lse = dense_reference(q, k, v, layout, block, block, 0.6, causal, False, kv, None)
@@ -327,3 +329,107 @@ def test_band_tiles_run_on_views_and_match_the_reference_with_gradients(
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
     if layout.shape[-1] == before + after + 1:  # every window slot listed: all bands
         assert bands and all(b is not None for b in bands)
+
+
+def _engine_grads(layout, rule, causal, self_, seed, cache: bool):
+    """Output, lse and input gradients of one engine call (tile cache on or off)."""
+    import effattn.mechanisms.blocksparse as bs
+
+    q, k, v = rand_qkv(2, 2, 40, 40, 4, 3, grad=True, seed=seed)
+    with pytest.MonkeyPatch.context() as m:
+        if not cache:
+            m.setattr(bs, "TILE_CACHE_SIZE", 0)
+            bs.clear_tile_cache()
+        out, lse = block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=0.7,
+                                          causal=causal, exclude_self=self_, pair_mask=rule,
+                                          group_blocks=3)
+        grads = torch.autograd.grad((out * out.detach()).sum() + finite_lse(lse).sum(), (q, k, v))
+    return (out, finite_lse(lse), *grads)
+
+
+@given(width=st.integers(0, 9), causal=st.booleans(), self_=st.booleans(), keyed=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_kept_tiles_and_biases_give_the_results_of_fresh_ones(width, causal, self_, keyed, seed):
+    """The engine keeps each plan's tiles (and their shared mask biases, per named rule)
+    between calls: a second call with the same layout rebuilt as a new tensor — and a
+    rule rebuilt as a new function with the same key — gives exactly what tiles cut
+    afresh give, forward and backward."""
+    import effattn.mechanisms.blocksparse as bs
+    from effattn.mechanisms._layout import band_layout
+
+    bs.clear_tile_cache()
+    rule = lambda: relative(lambda a, b: (a - b).abs() <= width,  # noqa: E731
+                            key=("band", width) if keyed else None)
+    fresh = _engine_grads(band_layout(40, 4, 4, 12, 12, "cpu")[None, None], rule(), causal, self_,
+                          seed, cache=False)
+    for _ in range(2):  # the first call cuts and keeps, the second recalls
+        kept = _engine_grads(band_layout(40, 4, 4, 12, 12, "cpu")[None, None], rule(), causal,
+                             self_, seed, cache=True)
+        for a, b in zip(kept, fresh):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(bs._tile_cache) == 1
+    biases = [t.biases for _, tiles in next(iter(bs._tile_cache.values()))[0] for t in tiles]
+    assert any(biases) == keyed  # an unnamed rule's biases are never kept
+
+
+def test_kept_biases_are_per_rule_key_and_tiles_per_layout_content():
+    """Two windows over one layout (rules with different keys) and two layouts of the same
+    shape but different blocks each match the dense reference, called alternately: a
+    bias or tile list kept for one is never served to the other."""
+    import effattn.mechanisms.blocksparse as bs
+    from effattn.mechanisms._layout import band_layout
+
+    bs.clear_tile_cache()
+    q, k, v = rand_qkv(1, 2, 48, 48, 4, 3, seed=5)
+    band = band_layout(48, 4, 4, 8, 8, "cpu")[None, None]
+    shifted = band.roll(1, dims=2)  # same shape, other blocks
+    for _ in range(2):
+        for layout in (band, shifted):
+            for w in (2, 6):
+                rule = relative(lambda a, b, w=w: (a - b).abs() <= w, key=("band", w))
+                out, lse = block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=0.5,
+                                                  pair_mask=rule, group_blocks=5)
+                ref, ref_lse = dense_reference(q, k, v, layout, 4, 4, 0.5, False, False, None, rule)
+                torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(finite_lse(lse), finite_lse(ref_lse), atol=1e-10,
+                                           rtol=1e-10)
+    assert len(bs._tile_cache) == 2
+
+
+def test_tiles_are_not_kept_for_caller_positions_or_padding():
+    """Positions (LSH's sorted order, new every call) or a padding mask given by the
+    caller leave the tile cache alone."""
+    import effattn.mechanisms.blocksparse as bs
+
+    bs.clear_tile_cache()
+    q, k, v = rand_qkv(2, 1, 16, 16, 4, 3, seed=2)
+    layout = torch.tensor([[[[0, 1], [1, 2], [2, 3], [3, 0]]]])
+    pos = torch.randperm(16)[None, None]
+    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0, q_pos=pos, k_pos=pos)
+    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0,
+                           k_valid=random_padding(2, 16, seed=2)[:, None])
+    assert not bs._tile_cache
+    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0)
+    assert len(bs._tile_cache) == 1
+
+
+def test_tile_cache_stays_within_its_byte_limit(monkeypatch):
+    """Plans whose tiles would hold more than TILE_CACHE_BYTES are cut afresh; kept lists
+    are dropped, oldest first, to stay within it."""
+    import effattn.mechanisms.blocksparse as bs
+    from effattn.mechanisms._layout import band_layout
+
+    bs.clear_tile_cache()
+    q, k, v = rand_qkv(1, 1, 64, 64, 4, 3, seed=3)
+    wide, narrow = (band_layout(64, 4, 4, w, w, "cpu")[None, None] for w in (12, 4))
+
+    def size(lay):
+        return bs._tile_bytes(bs._prepare(q, k, v, lay, block_q=4, block_k=4, scale=1.0)[0])
+
+    monkeypatch.setattr(bs, "TILE_CACHE_BYTES", size(wide) - 1)
+    block_sparse_attention(q, k, v, wide, block_q=4, block_k=4, scale=1.0)
+    assert not bs._tile_cache
+    monkeypatch.setattr(bs, "TILE_CACHE_BYTES", size(wide) + size(narrow) // 2)
+    block_sparse_attention(q, k, v, wide, block_q=4, block_k=4, scale=1.0)
+    block_sparse_attention(q, k, v, narrow, block_q=4, block_k=4, scale=1.0)
+    assert [v[1] for v in bs._tile_cache.values()] == [size(narrow)]

@@ -192,8 +192,8 @@ def test_block_tables_of_the_same_layout_object_skip_the_digest(monkeypatch):
     """A layout object seen before (memoized by its method) is answered without hashing its
     content again; an in-place change to it is noticed (tensor version)."""
     digests = []
-    orig = _flex._digest
-    monkeypatch.setattr(_flex, "_digest", lambda t: digests.append(1) or orig(t))
+    orig = _flex.content_digest
+    monkeypatch.setattr(_flex, "content_digest", lambda t: digests.append(1) or orig(t))
     lay = torch.tensor([[[[3, -1, 0], [1, 2, -1]]]])
     t1 = _flex.block_tables(lay, 4)
     n = len(digests)
@@ -216,7 +216,7 @@ def test_bigbird_repeated_calls_reuse_their_layout(monkeypatch, flex_calls):
     with flex_mode("on"), torch.no_grad():
         first = effattn.attention(q, k, v, "bigbird", block_size=8, n_random_blocks=2, seed=11)
         digests = []
-        monkeypatch.setattr(_flex, "_digest", lambda t: digests.append(1))
+        monkeypatch.setattr(_flex, "content_digest", lambda t: digests.append(1))
         again = effattn.attention(q, k, v, "bigbird", block_size=8, n_random_blocks=2, seed=11)
     assert len(flex_calls) == 2 and not digests
     torch.testing.assert_close(again, first, atol=0, rtol=0)

@@ -39,13 +39,27 @@ def is_elementwise(rule: Optional[PairMask]) -> bool:
     return rule is None or bool(getattr(rule, "elementwise", False))
 
 
-def relative(rule: PairMask) -> PairMask:
+def relative(rule: PairMask, key=None) -> PairMask:
     """Mark a ``pair_mask`` rule as a function of ``q_pos - k_pos`` alone (the same answer
     for positions shifted alike: sliding windows, strides, "not the diagonal"); implies
     :func:`elementwise`.  The engine then evaluates such a rule once per tile instead of
-    once per query group (:func:`shared_tile_bias`).  Returns ``rule`` itself."""
+    once per query group (:func:`shared_tile_bias`).  ``key``: optional hashable naming the
+    rule's meaning (equal keys = equal answers, e.g. ``("band", 256)``): rules rebuilt as
+    new functions on every call with the same key share the tile biases the engine keeps
+    between calls (:func:`rule_key`).  Returns ``rule`` itself."""
     rule.relative = True
+    rule.cache_key = key
     return elementwise(rule)
+
+
+def rule_key(rule: Optional[PairMask]):
+    """The hashable that stands for ``rule`` in caches of its results: ``()`` for no rule,
+    ``("rule", key)`` for a rule marked with a ``key`` (:func:`relative`), ``None`` (not
+    cacheable) for any other."""
+    if rule is None:
+        return ()
+    key = getattr(rule, "cache_key", None)
+    return None if key is None else ("rule", key)
 
 
 def is_relative(rule: Optional[PairMask]) -> bool:

@@ -28,7 +28,7 @@ import torch
 from effattn.allocator import release_free_heap, retain_freed_memory
 from effattn.bench.cases import make_inputs
 from effattn.bench.targets import NotApplicable, Target, build
-from effattn.mechanisms.blocksparse import BACKEND_CALLS
+from effattn.mechanisms.blocksparse import BACKEND_CALLS, clear_tile_cache
 from effattn.mechanisms._scratch import release_workspaces
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -185,12 +185,14 @@ def time_case(task: dict) -> dict:
         call()
         first = time.perf_counter() - t0 if first is None else first
     calls_before = dict(BACKEND_CALLS)
-    # scratch a method keeps between calls (the engine's and lsh's workspaces) counts in its
-    # peak: freed here, it is allocated again inside the memory-measured call -- whose time then
+    # scratch a method keeps between calls (the engine's and lsh's workspaces, the engine's
+    # kept tiles) counts in its peak: freed here, it is allocated again inside the
+    # memory-measured call -- whose time then
     # includes faulting those pages in, as does every method's memory call after the heap
     # trim in mem.start(): a cost steady-state calls never pay, so that call is left out of
     # the timed ones (and reported as memory_call_s)
     release_workspaces()
+    clear_tile_cache()
     mem.start()
     t0 = time.perf_counter()
     call()

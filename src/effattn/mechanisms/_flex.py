@@ -42,7 +42,6 @@ the own path for that call and stops dispatching in this process (:func:`exhaust
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 import weakref
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from effattn.masks import SELF_PENALTY, allowed_pairs, is_elementwise, self_pairs
+from effattn.mechanisms._layout import content_digest
 
 #: environment variable selecting the mode: 0/off, 1/on, auto (default)
 ENV = "EFFATTN_FLEX"
@@ -121,10 +121,6 @@ def _compiled_flex():
     return _compiled
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.numpy().tobytes(), digest_size=16).hexdigest()
-
-
 def _table(blocks: torch.Tensor, keep: torch.Tensor, nkb: int):
     """``(num int32 [..], idx int32 [.., nkb])`` of the ``blocks [.., S]`` where ``keep``:
     each row's kept blocks ascending, then zeros."""
@@ -170,8 +166,8 @@ def _block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor
         cpu = cpu.expand_as(fcpu).contiguous()
         if not bool(fcpu.any()):
             fcpu = None
-    key = (str(kv_blocks.device), tuple(cpu.shape), nkb, _digest(cpu),
-           None if fcpu is None else _digest(fcpu))
+    key = (str(kv_blocks.device), tuple(cpu.shape), nkb, content_digest(cpu),
+           None if fcpu is None else content_digest(fcpu))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]

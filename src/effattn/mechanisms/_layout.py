@@ -10,6 +10,7 @@ Nothing here ever builds an ``N x N`` tensor; block-level patterns are
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,16 @@ def check_same_length(q: torch.Tensor, k: torch.Tensor, method: str) -> int:
             f"k: {method} is a self-attention pattern over one sequence; "
             f"expected Nk == Nq = {q.shape[2]}, got Nk = {k.shape[2]}")
     return q.shape[2]
+
+
+def content_digest(t: torch.Tensor) -> str:
+    """A digest of ``t``'s dtype, shape and values (copied to the CPU): what caches of
+    layout-derived tables (FlexAttention's block tables, the engine's tiles) are keyed by
+    when the same layout is rebuilt as a new tensor on every call."""
+    c = t.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(c.numpy().tobytes(), digest_size=16)
+    h.update(repr((c.dtype, tuple(c.shape))).encode())
+    return h.hexdigest()
 
 
 def n_blocks(n: int, block: int) -> int:

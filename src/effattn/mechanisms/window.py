@@ -119,8 +119,9 @@ def _band_rule(width: int, dil: int):
     """Elementwise pair rule ``|i - j| <= width`` and ``dil | i - j`` on plain ints (inside
     FlexAttention's compiled ``mask_mod`` they are constants, no table reads)."""
     if dil == 1:
-        return relative(lambda a, b: (a - b).abs() <= width)
-    return relative(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0))
+        return relative(lambda a, b: (a - b).abs() <= width, key=("band", width))
+    return relative(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0),
+                    key=("dilated band", width, dil))
 
 
 def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,
