@@ -397,14 +397,17 @@ def _band_add_(dst: torch.Tensor, block: int, start: int, src: torch.Tensor, nkb
 
 
 def tile_matmul(a: torch.Tensor, b: torch.Tensor, ws: Optional[Workspace] = None,
-                name: str = "") -> torch.Tensor:
+                name: str = "", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ b`` for tile tensors ``[.., r, x] @ [.., x, c]`` (in the workspace buffer
-    ``name`` when ``ws`` is given); a 5-D band view ``b`` (its batch dims do not merge) runs
-    as one ``bmm`` per (batch, head) into one result instead of ``matmul`` copying it (a
-    band tile's keys: one matmul over views, no gather)."""
+    ``name`` when ``ws`` is given, or into ``out``: the result's shape and dtype, each
+    (batch, head) slice contiguous); a 5-D band view ``b`` (its batch dims do not merge)
+    runs as one ``bmm`` per (batch, head) into one result instead of ``matmul`` copying it
+    (a band tile's keys: one matmul over views, no gather)."""
     band = not (b.dim() != 5 or b.shape[:2] != a.shape[:2] or b.stride(2) * b.shape[2] == b.stride(1))
-    out = None
-    if ws is not None:
+    if out is not None and not band:
+        out[...] = torch.matmul(a, b)  # a strided view: matmul's out= would copy it anyway
+        return out
+    if ws is not None and out is None:
         shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         out = ws.get(name, shape, a if a.dtype == torch.result_type(a, b) else b)
     if not band:
@@ -493,6 +496,15 @@ def _rows_flat(p: _Plan, t: _Tile, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
 
 
+def _rows_out(p: _Plan, t: _Tile, out: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows of ``out [B, H, NQ_pad, Dv]`` that tile ``t``'s product writes, shaped like
+    that product (:func:`_tile_q`), when ``like`` (a tile operand) has ``out``'s dtype: a
+    band tile's matmul then writes them in place (no product tensor, no copy); else None."""
+    if like.dtype != out.dtype:
+        return None
+    return _tile_q(p, t, out)
+
+
 def _every_row_has_a_key(p: _Plan, t: _Tile) -> bool:
     """Whether every query row of tile ``t`` provably has an allowed key: no padding or
     empty slot, and no pair rule at all or a slot the rules leave whole (``full_slots``)."""
@@ -525,16 +537,20 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True):
             t = tiles[0]
             kt, vt = _tile_kv(p, t, k, v, ws)
             s = _tile_scores(p, t, _tile_q_scaled(p, t, q, p.scale, ws, "qs"), kt, ws)
-            o = tile_matmul(torch.softmax(s, -1, out=s).to(vt.dtype), vt).to(cdt)
-            out[:, :, rows] = _rows_flat(p, t, o)
+            dst = _rows_out(p, t, out, vt)
+            o = tile_matmul(torch.softmax(s, -1, out=s).to(vt.dtype), vt, out=dst)
+            if dst is None:
+                out[:, :, rows] = _rows_flat(p, t, o.to(cdt))
             continue
         # scores in base-2 units: the queries carry log2 e (one pass over [r, D], not one over
         # the [r, L] scores before exp2)
         qs = _tile_q_scaled(p, tiles[0], q, p.scale * LOG2_E, ws, "qs")
+        dst = None
         if len(tiles) == 1:  # the whole key set in one tile: plain softmax, in place
             kt, vt = _tile_kv(p, tiles[0], k, v, ws)
             w, l, inv = softmax_weights_(_tile_scores(p, tiles[0], qs, kt, ws, base2=True), base2=True)
-            o = tile_matmul(w.to(vt.dtype), vt).to(cdt).mul_(inv)  # normalized: [.., r, Dv]
+            dst = _rows_out(p, tiles[0], out, vt)
+            o = tile_matmul(w.to(vt.dtype), vt, out=dst).to(cdt).mul_(inv)  # normalized: [.., r, Dv]
         else:
             state = online_init(qs.shape[:-1], v.shape[-1], cdt, q.device)
             for t in tiles:
@@ -542,7 +558,8 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True):
                 state = online_update(*state, _tile_scores(p, t, qs, kt, ws, base2=True), vt,
                                       base2=True)
             o, l = online_finish(*state, base2=True)
-        out[:, :, rows] = _rows_flat(p, tiles[0], o)
+        if dst is None:  # else o is out's rows already
+            out[:, :, rows] = _rows_flat(p, tiles[0], o)
         if need_lse:
             lse[:, :, rows] = _rows_flat(p, tiles[0], l[..., None])[..., 0]
     return out, lse
