@@ -396,21 +396,30 @@ def test_kept_biases_are_per_rule_key_and_tiles_per_layout_content():
     assert len(bs._tile_cache) == 2
 
 
-def test_tiles_are_not_kept_for_caller_positions_or_padding():
-    """Positions (LSH's sorted order, new every call) or a padding mask given by the
-    caller leave the tile cache alone."""
+def test_tiles_are_kept_for_contiguous_positions_only():
+    """Positions other than a contiguous run (LSH's sorted order, new every call) or a
+    padding mask given by the caller leave the tile cache alone; a run of rows (BigBird's
+    row pieces) is kept per start, and gives what fresh tiles give (causal: the run's
+    start decides which pairs are allowed)."""
     import effattn.mechanisms.blocksparse as bs
 
     bs.clear_tile_cache()
     q, k, v = rand_qkv(2, 1, 16, 16, 4, 3, seed=2)
     layout = torch.tensor([[[[0, 1], [1, 2], [2, 3], [3, 0]]]])
+    run = dict(block_q=4, block_k=4, scale=1.0, causal=True)
     pos = torch.randperm(16)[None, None]
-    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0, q_pos=pos, k_pos=pos)
-    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0,
-                           k_valid=random_padding(2, 16, seed=2)[:, None])
+    block_sparse_attention(q, k, v, layout, q_pos=pos, k_pos=pos, **run)
+    block_sparse_attention(q, k, v, layout, k_valid=random_padding(2, 16, seed=2)[:, None], **run)
     assert not bs._tile_cache
-    block_sparse_attention(q, k, v, layout, block_q=4, block_k=4, scale=1.0)
-    assert len(bs._tile_cache) == 1
+    for start in (0, 3, 0, 3):
+        qp = torch.arange(start, start + 16)[None, None]
+        kept = block_sparse_attention(q, k, v, layout, q_pos=qp, **run)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(bs, "_tile_key", lambda p: None)
+            fresh = block_sparse_attention(q, k, v, layout, q_pos=qp, **run)
+        for a, b in zip(kept, fresh):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert len(bs._tile_cache) == 2
 
 
 def test_tile_cache_stays_within_its_byte_limit(monkeypatch):

@@ -205,14 +205,34 @@ def _mask_runs(free: torch.Tensor, idx: torch.Tensor, bk: int):
     return runs if len(runs) <= MAX_MASK_RUNS else None
 
 
+def _arange_start(pos: torch.Tensor, n: int) -> Optional[int]:
+    """``a`` when the padded positions ``pos [1, 1, n_pad]`` are ``a, a + 1, .., a + n -
+    1`` then ``-1`` (a contiguous run of rows, e.g. BigBird's row pieces), else None."""
+    if pos.shape[:2] != (1, 1) or n == 0:
+        return None
+    row = pos[0, 0]
+    a = int(row[0])
+    want = torch.arange(a, a + n, device=pos.device)
+    if not (torch.equal(row[:n], want) and bool((row[n:] == -1).all())):
+        return None
+    return a
+
+
 def _tile_key(p: _Plan) -> Optional[tuple]:
     """What the tiles of plan ``p`` are determined by — layout and full-slot content,
-    sizes, rule flags — or None when they are not kept: positions or padding given by the
-    caller (LSH's sorted positions change on every call, padding with every batch)."""
-    if not p.default_pos or p.padding:
+    positions (each a contiguous run), sizes, rule flags — or None when they are not
+    kept: other positions (LSH's sorted positions change on every call) or padding given
+    by the caller (it changes with every batch)."""
+    if p.padding:
         return None
-    return (str(p.q_pos.device), p.Nq, p.Nk, p.block_q, p.block_k, p.group_blocks, p.slot_chunk,
-            p.causal, p.exclude_self, None if p.kv_blocks is None else content_digest(p.kv_blocks),
+    starts = (0, 0)
+    if not p.default_pos:
+        starts = (_arange_start(p.q_pos, p.Nq), _arange_start(p.k_pos, p.Nk))
+        if None in starts:
+            return None
+    return (str(p.q_pos.device), p.Nq, p.Nk, starts, p.default_pos, p.block_q, p.block_k,
+            p.group_blocks, p.slot_chunk, p.causal, p.exclude_self,
+            None if p.kv_blocks is None else content_digest(p.kv_blocks),
             None if p.full_slots is None else content_digest(p.full_slots))
 
 
