@@ -330,25 +330,30 @@ def race_key(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optiona
 
 def race(key: tuple, flex, own, hold=None):
     """Time an (already compiled and run) FlexAttention call ``flex()`` (None when it
-    cannot run) against the own path ``own()`` after an untimed own call (its first call
-    builds layouts and scratch: a race against that lost BigBird's faster row pieces):
-    :data:`RACE_ROUNDS` alternating rounds, each side's fastest call counts (one call each
-    misjudged longformer at N = 16,384 in a bench run: FlexAttention kept at 0.101 s where
-    the own path takes 0.075).  Remember which was faster (:func:`record_race`; ``hold`` is
-    kept with the outcome, e.g. the tables whose ``id`` is in the key) and return
-    ``(FlexAttention's result, None)`` or ``(None, the own path's result)``."""
-    own()
+    cannot run) against the own path ``own()``, each in a block of consecutive calls —
+    :data:`RACE_ROUNDS` timed FlexAttention calls, then an untimed own call and
+    :data:`RACE_ROUNDS` timed ones — each side's fastest call counting.  Alternating the
+    two timed each in the other's wake: BigBird's row pieces, 82 ms a call at N = 16,384
+    in steady state, took 93–99 ms right after FlexAttention calls and lost to its 104 ms
+    in 1 of 4 processes (and in a bench run).  A first own call builds layouts and
+    scratch, so one call never decides (one call each misjudged longformer at N = 16,384:
+    FlexAttention kept at 0.101 s where the own path takes 0.075).  Remember which was
+    faster (:func:`record_race`; ``hold`` is kept with the outcome, e.g. the tables whose
+    ``id`` is in the key) and return ``(FlexAttention's result, None)`` or ``(None, the
+    own path's result)``."""
     t_flex = t_own = float("inf")
     res = mine = None
     for _ in range(RACE_ROUNDS):
         t0 = time.perf_counter()
         res = flex()
         t_flex = min(t_flex, time.perf_counter() - t0)
+        if res is None:  # the recompile limit hit meanwhile
+            return None, own()
+    own()
+    for _ in range(RACE_ROUNDS):
         t0 = time.perf_counter()
         mine = own()
         t_own = min(t_own, time.perf_counter() - t0)
-        if res is None:  # the recompile limit hit meanwhile
-            return None, mine
     flex_wins = t_own > RACE_MARGIN * t_flex
     record_race(key, flex_wins, hold)
     return (res, None) if flex_wins else (None, mine)
