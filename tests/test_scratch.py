@@ -91,3 +91,32 @@ def test_kept_only_on_the_cpu():
     release_workspaces()
     assert kept_workspace("test", "cpu") is not cpu
     release_workspaces()
+
+
+@pytest.mark.parametrize("flex", ["off", "on"])
+@pytest.mark.parametrize("method,shared,opts", CASES, ids=[c[0] for c in CASES])
+def test_state_kept_under_inference_mode_serves_later_calls(method, shared, opts, flex, monkeypatch):
+    """Scratch buffers, tiles, biases and layouts first made inside ``torch.inference_mode``
+    (a serving loop) are inference tensors unless made outside it; a later training call
+    writing into them failed ("Inplace update to inference tensor outside InferenceMode").
+    Calls alternating between the two modes (and FlexAttention's block tables, with it on)
+    agree."""
+    from effattn.mechanisms import _flex
+    import effattn.mechanisms.blocksparse as bs
+
+    release_workspaces()
+    bs.clear_tile_cache()
+    monkeypatch.setattr(_flex, "MIN_SCORES", 0)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    with _flex.flex_mode(flex):
+        with torch.inference_mode():
+            first = _call(method, shared, opts, q, k, v)
+        x = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = _call(method, shared, opts, *x)
+        out.sum().backward()
+        with torch.inference_mode():
+            again = _call(method, shared, opts, q, k, v)
+    torch.testing.assert_close(out.detach(), first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in x[:1] + x[2:])

@@ -142,6 +142,9 @@ def block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]
     full slots; ``member`` bool ``[B', H', nqb, nkb]``: the listed block pairs), or ``None``
     when some row lists a block twice.
     """
+    if kv_blocks.is_inference() or (full is not None and full.is_inference()):
+        # made under torch.inference_mode: no version counter to tell an in-place change
+        return _block_tables(kv_blocks, nkb, full)
     versions = (kv_blocks._version, None if full is None else full._version)
     seen = _by_identity.get(id(kv_blocks))
     if (seen is not None and seen[0]() is kv_blocks and (seen[1] and seen[1]()) is full
@@ -157,7 +160,15 @@ def block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]
 
 
 def _block_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]):
-    """:func:`block_tables` keyed by the layout's content (a digest of its bytes)."""
+    """:func:`block_tables` keyed by the layout's content (a digest of its bytes), built as
+    normal tensors even under ``torch.inference_mode`` (kept, they may serve a training
+    call on CUDA, whose backward saves them)."""
+    with torch.inference_mode(False):
+        return _content_tables(kv_blocks, nkb, full)
+
+
+def _content_tables(kv_blocks: torch.Tensor, nkb: int, full: Optional[torch.Tensor]):
+    """The body of :func:`_block_tables` (looked up in, or added to, the content cache)."""
     cpu = kv_blocks.detach().to("cpu", torch.long).contiguous()
     fcpu = None
     if full is not None:

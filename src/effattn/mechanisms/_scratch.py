@@ -41,7 +41,10 @@ class Workspace:
         b = self._bufs.get(key)
         if b is None or b.numel() < n:
             self._bufs.pop(key, None)  # free the old one before allocating its successor
-            b = self._bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+            # a buffer first made under torch.inference_mode would be an inference tensor,
+            # which no later call outside it may write into
+            with torch.inference_mode(False):
+                b = self._bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)
         return b[:n].view(shape)
 
     def nbytes(self) -> int:

@@ -260,7 +260,8 @@ def _tiles(p: _Plan):
         if got is not None:
             _tile_cache.move_to_end(key)
             return got[0]
-    tiles = list(_cut_tiles(p))
+    with torch.inference_mode(False):  # kept tensors must serve calls outside it too
+        tiles = list(_cut_tiles(p))
     for _, group in tiles:
         for t in group:
             t.biases = {}
@@ -521,7 +522,8 @@ def _tile_bias(t: _Tile, a: int, b: int, kp, kv, dtype, penalty: float, rules: d
         a, b, rk, rules["causal"], rules["exclude_self"], dtype, penalty)
     if key is not None and key in t.biases:
         return t.biases[key]
-    bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=dtype, penalty=penalty, **rules)
+    with torch.inference_mode(key is None and torch.is_inference_mode_enabled()):
+        bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=dtype, penalty=penalty, **rules)
     if key is not None:
         t.biases[key] = bias
     return bias
