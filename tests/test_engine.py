@@ -442,3 +442,33 @@ def test_tile_cache_stays_within_its_byte_limit(monkeypatch):
     block_sparse_attention(q, k, v, wide, block_q=4, block_k=4, scale=1.0)
     block_sparse_attention(q, k, v, narrow, block_q=4, block_k=4, scale=1.0)
     assert [v[1] for v in bs._tile_cache.values()] == [size(narrow)]
+
+
+def test_kept_tiles_hold_bounded_biases():
+    """Kept state stays small: a dense causal plan's tiles keep no bias (each would be its
+    whole score tile: N²/2 floats over the plan), and a sparse tile keeps at most
+    BIASES_PER_TILE tile-widths of them however many named rules meet it — the rest are
+    evaluated per call, with the same results."""
+    import effattn.mechanisms.blocksparse as bs
+    from effattn.mechanisms._layout import band_layout
+
+    bs.clear_tile_cache()
+    q, k, v = rand_qkv(1, 2, 64, 64, 4, 3, seed=7)
+    block_sparse_attention(q, k, v, None, block_q=8, block_k=8, scale=0.5, causal=True,
+                           group_blocks=2, slot_chunk=2)
+    (tiles, _), = bs._tile_cache.values()
+    assert all(t.biases is None for _, group in tiles for t in group)
+    bs.clear_tile_cache()
+    layout = band_layout(64, 8, 8, 16, 16, "cpu")[None, None]
+    for _ in range(2):
+        for w in (3, 7, 11, 15):
+            rule = relative(lambda a, b, w=w: (a - b).abs() <= w, key=("band", w))
+            out, lse = block_sparse_attention(q, k, v, layout, block_q=8, block_k=8, scale=0.5,
+                                              pair_mask=rule, group_blocks=2)
+            ref, _ = dense_reference(q, k, v, layout, 8, 8, 0.5, False, False, None, rule)
+            torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    (tiles, _), = bs._tile_cache.values()
+    for _, group in tiles:
+        for t in group:
+            held = sum(b.numel() for b in t.biases.values() if b is not None)
+            assert held <= bs.BIASES_PER_TILE * t.q_pos.shape[-2] * t.k_pos.shape[-1]

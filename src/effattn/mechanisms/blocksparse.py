@@ -59,6 +59,10 @@ TILE_CACHE_SIZE = 16
 #: would hold more is cut afresh on every call, group by group)
 TILE_CACHE_BYTES = 1 << 26
 _tile_cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+#: biases a kept sparse tile holds, in units of its ``[block_q, width]`` (the no-lse and
+#: the base-2 path's penalty each need one); more rules on the same tiles are evaluated
+#: per call
+BIASES_PER_TILE = 2
 _tile_lock = threading.Lock()
 
 
@@ -237,13 +241,15 @@ def _tile_key(p: _Plan) -> Optional[tuple]:
 
 
 def _tile_bytes(p: _Plan) -> int:
-    """Upper estimate of what the tiles of ``p`` hold, with one shared bias per group:
-    gathered key positions and validity (9 bytes per listed key row) and the biases
-    (float32 ``[block_q, listed key rows]`` per group); a dense plan's tiles are views."""
+    """Estimate of what the tiles of ``p`` hold: gathered key positions and validity (9
+    bytes per listed key row) and up to :data:`BIASES_PER_TILE` shared biases per group
+    (float32 ``[block_q, listed key rows]`` each); a dense plan's tiles are views and
+    keep no biases."""
     if p.kv_blocks is None:
         return 0
     keys = p.block_k * p.kv_blocks.shape[-1]
-    return p.nqb * keys * 9 + -(-p.nqb // p.group_blocks) * p.block_q * keys * 4
+    groups = -(-p.nqb // p.group_blocks)
+    return p.nqb * keys * 9 + BIASES_PER_TILE * groups * p.block_q * keys * 4
 
 
 def _tiles(p: _Plan):
@@ -263,8 +269,8 @@ def _tiles(p: _Plan):
     with torch.inference_mode(False):  # kept tensors must serve calls outside it too
         tiles = list(_cut_tiles(p))
     for _, group in tiles:
-        for t in group:
-            t.biases = {}
+        for t in group:  # a dense tile's bias is its whole [R, L] score tile: never kept
+            t.biases = {} if t.keys is None else None
     with _tile_lock:
         _tile_cache[key] = (tiles, size)
         while (len(_tile_cache) > TILE_CACHE_SIZE
@@ -524,7 +530,9 @@ def _tile_bias(t: _Tile, a: int, b: int, kp, kv, dtype, penalty: float, rules: d
         return t.biases[key]
     with torch.inference_mode(key is None and torch.is_inference_mode_enabled()):
         bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=dtype, penalty=penalty, **rules)
-    if key is not None:
+    if key is not None and (bias is None or sum(
+            x.numel() for x in t.biases.values() if x is not None) + bias.numel()
+            <= BIASES_PER_TILE * t.q_pos.shape[-2] * t.k_pos.shape[-1]):
         t.biases[key] = bias
     return bias
 
