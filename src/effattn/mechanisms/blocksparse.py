@@ -241,15 +241,16 @@ def _tile_key(p: _Plan) -> Optional[tuple]:
 
 
 def _tile_bytes(p: _Plan) -> int:
-    """Estimate of what the tiles of ``p`` hold: gathered key positions and validity (9
-    bytes per listed key row) and up to :data:`BIASES_PER_TILE` shared biases per group
-    (float32 ``[block_q, listed key rows]`` each); a dense plan's tiles are views and
-    keep no biases."""
+    """Estimate of what the tiles of ``p`` hold: the plan's positions (viewed), gathered
+    key positions and validity (9 bytes per listed key row) and up to
+    :data:`BIASES_PER_TILE` shared biases per group (float32 ``[block_q, listed key
+    rows]`` each); a dense plan's tiles are views and keep no biases."""
+    positions = (p.q_pos.numel() + p.k_pos.numel()) * 8  # the plan's, which tiles view
     if p.kv_blocks is None:
-        return 0
+        return positions
     keys = p.block_k * p.kv_blocks.shape[-1]
     groups = -(-p.nqb // p.group_blocks)
-    return p.nqb * keys * 9 + BIASES_PER_TILE * groups * p.block_q * keys * 4
+    return positions + p.nqb * keys * 9 + BIASES_PER_TILE * groups * p.block_q * keys * 4
 
 
 def _tiles(p: _Plan):
