@@ -51,7 +51,10 @@ def test_results_never_alias_the_kept_workspace(method, shared, opts):
 
 
 def test_threads_keep_workspaces_of_their_own():
-    """Two threads running the engine at once get the results each gets alone."""
+    """Two threads running the engine at once get the results each gets alone (their
+    workspaces their own; the tiles and biases both cut and keep at once shared)."""
+    import effattn.mechanisms.blocksparse as bs
+
     g = torch.Generator().manual_seed(1)
     inputs = [[torch.randn(1, 2, 512, 16, generator=g) for _ in range(3)] for _ in range(2)]
     opts = dict(window=32, block_size=16)
@@ -63,6 +66,7 @@ def test_threads_keep_workspaces_of_their_own():
         alone.append([out.detach()] + [t.grad for t in x])
     together = [None, None]
     start = threading.Barrier(2)
+    bs.clear_tile_cache()
 
     def run(i):
         start.wait()

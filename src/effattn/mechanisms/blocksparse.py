@@ -532,7 +532,7 @@ def _tile_bias(t: _Tile, a: int, b: int, kp, kv, dtype, penalty: float, rules: d
     with torch.inference_mode(key is None and torch.is_inference_mode_enabled()):
         bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=dtype, penalty=penalty, **rules)
     if key is not None and (bias is None or sum(
-            x.numel() for x in t.biases.values() if x is not None) + bias.numel()
+            x.numel() for x in tuple(t.biases.values()) if x is not None) + bias.numel()
             <= BIASES_PER_TILE * t.q_pos.shape[-2] * t.k_pos.shape[-1]):
         t.biases[key] = bias
     return bias
