@@ -372,6 +372,47 @@ def test_kept_tiles_and_biases_give_the_results_of_fresh_ones(width, causal, sel
     assert any(biases) == keyed  # an unnamed rule's biases are never kept
 
 
+@given(nb=st.integers(6, 10), before=st.integers(1, 2), after=st.integers(0, 2),
+       width=st.integers(0, 9), causal=st.booleans(), self_=st.booleans(), pad=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_clipped_end_windows_keep_a_rule_bias_and_mask_their_empty_slots(
+        nb, before, after, width, causal, self_, pad, seed):
+    """A sliding window's groups at the sequence ends (band tiles with empty slots past the
+    ends) keep the shared bias of the pair rules like the inner groups — their empty slots
+    take the positions the band gives them and are masked by their validity instead — and
+    give the dense reference's outputs, lse and gradients (with caller padding too: then
+    the tiles are cut per call and masked with each sequence's validity)."""
+    import effattn.mechanisms.blocksparse as bs
+    from effattn.mechanisms._layout import band_layout
+
+    if not (causal or self_ or width < 9):
+        width = 3  # some pair rule, so that there is a bias to keep
+    N, block = nb * 4, 4
+    q, k, v = rand_qkv(2, 2, N, N, 4, 3, grad=True, seed=seed)
+    layout = band_layout(N, block, block, before * block, after * block, "cpu")[None, None]
+    kv = random_padding(2, N, seed=seed)[:, None, :] if pad else None
+    rule = relative(lambda a, b: (a - b).abs() <= width, key=("band", width))
+    bs.clear_tile_cache()
+    for _ in range(2):  # cut and keep, then recall
+        out, lse = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.6,
+                                          causal=causal, exclude_self=self_, k_valid=kv,
+                                          pair_mask=rule, group_blocks=3)
+        ref, ref_lse = dense_reference(q, k, v, layout, block, block, 0.6, causal, self_, kv, rule)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(finite_lse(lse), finite_lse(ref_lse), atol=1e-10, rtol=1e-10)
+        go = torch.randn_like(out)
+        ga = torch.autograd.grad((out * go).sum() + finite_lse(lse).sum(), (q, k, v))
+        gb = torch.autograd.grad((ref * go).sum() + finite_lse(ref_lse).sum(), (q, k, v))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    if pad:  # caller padding: tiles are cut every call, not kept
+        assert not bs._tile_cache
+        return
+    tiles = [t for _, group in next(iter(bs._tile_cache.values()))[0] for t in group]
+    assert all(t.band is not None for t in tiles) and any(t.k_valid is not None for t in tiles)
+    assert all(any(b is not None for b in t.biases.values()) for t in tiles)
+
+
 def test_kept_biases_are_per_rule_key_and_tiles_per_layout_content():
     """Two windows over one layout (rules with different keys) and two layouts of the same
     shape but different blocks each match the dense reference, called alternately: a

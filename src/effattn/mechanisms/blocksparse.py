@@ -329,6 +329,10 @@ def _cut_tiles(p: _Plan):
                     kv = kv & _gather_blocks(p.k_valid[..., None], bk, safe)[..., 0]
                 if bool(kv.all()):  # no empty slot, no padding key: nothing to mask for them
                     kv = None
+                elif band is not None and kv.shape[:2] == kp.shape[:2]:  # a window clipped at a sequence end: its empty slots
+                    # (masked by kv) take the positions the band would give them, so that
+                    # the tile stays one shifted pattern and keeps a shared rule bias
+                    kp = torch.where(kv, kp, _band_positions(band[0], G, idx.shape[-1], bk, kp.device))
                 runs = None if free is None or reordered else _mask_runs(
                     free[:, :, g0:g1, s0:s0 + p.slot_chunk], idx, bk)
                 tiles.append(_Tile(rows, qp, kp[..., None, :],
@@ -365,6 +369,15 @@ def _band_start(idx: torch.Tensor, nkb: int):
         if bool(torch.equal(have, torch.sort(want, -1).values)):
             return b, (idx if bool(torch.equal(tile, want)) else want[None, None])
     return None
+
+
+def _band_positions(start: int, G: int, S: int, block: int, device) -> torch.Tensor:
+    """Key positions ``[G, S * block]`` of a band tile starting at key block ``start`` whose
+    key positions are the default ``arange``: group ``g``, slot ``s``, column ``c`` ->
+    ``(start + g + s) * block + c`` (outside ``0 .. nkb * block - 1`` where the window runs
+    past the sequence ends)."""
+    rows = torch.arange(start * block, (start + G + S - 1) * block, device=device)
+    return rows.as_strided((G, S * block), (block, 1))
 
 
 def _band_window(block: int, start: int, G: int, S: int, nkb: int):
@@ -511,26 +524,32 @@ def _tile_scores(p: _Plan, t: _Tile, qt_scaled: torch.Tensor, kt: torch.Tensor,
         view, kp = s[..., a:b], t.k_pos[..., a:b]
         kv = None if t.k_valid is None else t.k_valid[..., a:b]
         rules = dict(causal=p.causal, exclude_self=exclude_self, pair_mask=p.pair_mask)
-        if p.causal or exclude_self or kv is not None or p.pair_mask is not None:
-            bias = _tile_bias(t, a, b, kp, kv, s.dtype, penalty, rules)
+        bias = None
+        if p.causal or exclude_self or p.pair_mask is not None:
+            # the pair rules as a shared bias; invalid keys (padding, empty or clipped slots)
+            # then one fill: a clipped end window keeps its bias like the inner ones
+            bias = _tile_bias(t, a, b, kp, s.dtype, penalty, rules)
             if bias is None:
                 apply_masks(view, t.q_pos, kp, k_valid=kv, inplace=True, penalty=penalty, **rules)
-            else:
-                view.add_(bias)
+                continue
+            view.add_(bias)
+        if kv is not None:
+            view.masked_fill_(~kv, float("-inf"))
     return s
 
 
-def _tile_bias(t: _Tile, a: int, b: int, kp, kv, dtype, penalty: float, rules: dict):
-    """:func:`shared_tile_bias` of the columns ``a:b`` of tile ``t`` (positions ``kp``,
-    validity ``kv``), looked up in the tile's kept biases when it has them and the rule is
-    nameable (:func:`effattn.masks.rule_key`)."""
+def _tile_bias(t: _Tile, a: int, b: int, kp, dtype, penalty: float, rules: dict):
+    """:func:`shared_tile_bias` of the pair rules on the columns ``a:b`` of tile ``t``
+    (positions ``kp``; key validity is the caller's to apply), looked up in the tile's
+    kept biases when it has them and the rule is nameable
+    (:func:`effattn.masks.rule_key`)."""
     rk = rule_key(rules["pair_mask"])
     key = None if t.biases is None or rk is None else (
         a, b, rk, rules["causal"], rules["exclude_self"], dtype, penalty)
     if key is not None and key in t.biases:
         return t.biases[key]
     with torch.inference_mode(key is None and torch.is_inference_mode_enabled()):
-        bias = shared_tile_bias(t.q_pos, kp, k_valid=kv, dtype=dtype, penalty=penalty, **rules)
+        bias = shared_tile_bias(t.q_pos, kp, dtype=dtype, penalty=penalty, **rules)
     if key is not None and (bias is None or sum(
             x.numel() for x in tuple(t.biases.values()) if x is not None) + bias.numel()
             <= BIASES_PER_TILE * t.q_pos.shape[-2] * t.k_pos.shape[-1]):
