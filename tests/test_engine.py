@@ -38,6 +38,20 @@ def dense_reference(q, k, v, kv_blocks, bq, bk, scale, causal, exclude_self, k_v
     return p @ v, lse
 
 
+def assert_matches_with_gradients(got, ref, inputs):
+    """``got = (out, lse)`` equals ``ref = (out, lse)`` (fully masked rows' lse compared as
+    finite), and so do the gradients of both w.r.t. ``inputs`` under one random output
+    gradient plus the lse sum."""
+    (out, lse), (ref_out, ref_lse) = got, ref
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(finite_lse(lse), finite_lse(ref_lse), atol=1e-10, rtol=1e-10)
+    go = torch.randn_like(out)
+    ga = torch.autograd.grad((out * go).sum() + finite_lse(lse).sum(), inputs)
+    gb = torch.autograd.grad((ref_out * go).sum() + finite_lse(ref_lse).sum(), inputs)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def random_layout(shape, nkb, n_slots, g, p_empty=0.2, allow_dup=True):
     idx = torch.randint(0, nkb, (*shape, n_slots), generator=g)
     if not allow_dup:
@@ -319,14 +333,8 @@ def test_band_tiles_run_on_views_and_match_the_reference_with_gradients(
         bs.clear_tile_cache()
         out, lse = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.6,
                                           causal=causal, k_valid=kv, group_blocks=group)
-    ref, ref_lse = dense_reference(q, k, v, layout, block, block, 0.6, causal, False, kv, None)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(finite_lse(lse), finite_lse(ref_lse), atol=1e-10, rtol=1e-10)
-    go = torch.randn_like(out)
-    ga = torch.autograd.grad((out * go).sum() + finite_lse(lse).sum(), (q, k, v))
-    gb = torch.autograd.grad((ref * go).sum() + finite_lse(ref_lse).sum(), (q, k, v))
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    ref = dense_reference(q, k, v, layout, block, block, 0.6, causal, False, kv, None)
+    assert_matches_with_gradients((out, lse), ref, (q, k, v))
     if layout.shape[-1] == before + after + 1:  # every window slot listed: all bands
         assert bands and all(b is not None for b in bands)
 
@@ -397,14 +405,8 @@ def test_clipped_end_windows_keep_a_rule_bias_and_mask_their_empty_slots(
         out, lse = block_sparse_attention(q, k, v, layout, block_q=block, block_k=block, scale=0.6,
                                           causal=causal, exclude_self=self_, k_valid=kv,
                                           pair_mask=rule, group_blocks=3)
-        ref, ref_lse = dense_reference(q, k, v, layout, block, block, 0.6, causal, self_, kv, rule)
-        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(finite_lse(lse), finite_lse(ref_lse), atol=1e-10, rtol=1e-10)
-        go = torch.randn_like(out)
-        ga = torch.autograd.grad((out * go).sum() + finite_lse(lse).sum(), (q, k, v))
-        gb = torch.autograd.grad((ref * go).sum() + finite_lse(ref_lse).sum(), (q, k, v))
-        for a, b in zip(ga, gb):
-            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        ref = dense_reference(q, k, v, layout, block, block, 0.6, causal, self_, kv, rule)
+        assert_matches_with_gradients((out, lse), ref, (q, k, v))
     if pad:  # caller padding: tiles are cut every call, not kept
         assert not bs._tile_cache
         return
