@@ -7,7 +7,7 @@ applies the shared masks, and runs a materialized softmax in float64.
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from effattn.masks import apply_masks, relative, shared_tile_bias
 from effattn.mechanisms.blocksparse import block_sparse_attention
@@ -515,3 +515,44 @@ def test_kept_tiles_hold_bounded_biases():
         for t in group:
             held = sum(b.numel() for b in t.biases.values() if b is not None)
             assert held <= bs.BIASES_PER_TILE * t.q_pos.shape[-2] * t.k_pos.shape[-1]
+
+
+@given(N=st.integers(1, 40), block=st.sampled_from([4, 8]), a=st.integers(0, 7), bf16=st.booleans(),
+       need_lse=st.booleans(), seed=st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_engine_writes_out_rows_in_place_and_takes_row_ranges_of_queries(N, block, a, bf16, need_lse, seed):
+    """``out=``: a row range of a larger output receives exactly the fresh call's result
+    (written in place or copied when padded or cast), the rows around it stay untouched;
+    queries given as a row range of a larger tensor (not contiguous over heads) give the
+    result of their contiguous copy."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    big_q, k, v = (x.to(dtype) for x in rand_qkv(2, 3, N + a + 3, N, 8, seed=seed, dtype=torch.float32))
+    q = big_q[:, :, a:a + N]
+    nb = -(-N // block)
+    layout = torch.randint(-1, nb, (1, 3, nb, 3), generator=g)
+    opts = dict(block_q=block, block_k=block, scale=0.3, need_lse=need_lse, race=False)
+    with torch.no_grad():
+        ref, ref_lse = block_sparse_attention(q.contiguous(), k, v, layout, **opts)
+        whole = torch.full((2, 3, N + a + 3, 8), 7.0, dtype=dtype)
+        got, lse = block_sparse_attention(q, k, v, layout, out=whole[:, :, a:a + N], **opts)
+    assert got.data_ptr() == whole[:, :, a:a + N].data_ptr()
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    assert bool((whole[:, :, :a] == 7).all()) and bool((whole[:, :, a + N:] == 7).all())
+    if need_lse:
+        torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+
+
+def test_engine_rejects_out_with_gradients_or_the_wrong_shape():
+    q, k, v = rand_qkv(1, 2, 16, 16, 4, dtype=torch.float32)
+    layout = torch.zeros(1, 1, 4, 1, dtype=torch.long)
+    opts = dict(block_q=4, block_k=4, scale=1.0)
+    with pytest.raises(ValueError, match="out: expected"):
+        with torch.no_grad():
+            block_sparse_attention(q, k, v, layout, out=torch.empty(1, 2, 15, 4), **opts)
+    with pytest.raises(ValueError, match="out: expected"):
+        with torch.no_grad():
+            block_sparse_attention(q, k, v, layout, out=torch.empty(1, 2, 16, 4, dtype=torch.float64), **opts)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="without gradients"):
+        block_sparse_attention(q, k, v, layout, out=torch.empty(1, 2, 16, 4), **opts)

@@ -120,13 +120,17 @@ class EnginePart:
                         name: str = "") -> torch.Tensor:
         return x if self.rows is None else take_rows(x, self.back[None, None], ws, name)
 
-    def attend(self, q, k, v, need_lse: bool = True):
+    def attend(self, q, k, v, need_lse: bool = True, out: Optional[torch.Tensor] = None):
         """The part alone, differentiable (FlexAttention where it serves): ``q [B,H,N,D]``,
         ``k``, ``v [B,H,N,Dv]`` -> ``(out [B,H,N,Dv]`` in q's dtype, ``lse [B,H,N]`` or
-        None) in the original order (the ``q_rows`` only, with those)."""
-        out, lse = block_sparse_attention(*self._inputs(q, k, v), self.kv_blocks,
-                                          need_lse=need_lse, **self.options)
-        return self._original_order(out), None if lse is None else self._original_order(lse)
+        None) in the original order (the ``q_rows`` only, with those).  ``out``: without
+        gradients, the tensor that receives the output (``[B, H, b - a, Dv]`` with
+        ``q_rows = (a, b)``, e.g. those rows of the whole output; not with ``rows``)."""
+        if out is not None and self.rows is not None:
+            raise ValueError("EnginePart.attend: out is not supported with reordered rows")
+        o, lse = block_sparse_attention(*self._inputs(q, k, v), self.kv_blocks,
+                                        need_lse=need_lse, out=out, **self.options)
+        return self._original_order(o), None if lse is None else self._original_order(lse)
 
     def forward(self, q, k, v):
         """No-grad forward: ``(out [B,H,N,Dv], lse [B,H,N])`` in the statistics dtype,

@@ -180,9 +180,12 @@ def _row_pieces(q, k, v, layouts, spans, kv, run):
                                     q_rows=rows, k_stop=kend))
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return union_attention(q, k, v, parts)
-    pieces = [part.attend(q, k, v, run["need_lse"]) for part in parts]
-    out = torch.cat([o for o, _ in pieces], 2)
-    lse = None if any(l is None for _, l in pieces) else torch.cat([l for _, l in pieces], 2)
+    # each piece writes its rows of one output (no per-piece outputs concatenated: at
+    # N = 65,536 two more 64 MB buffers and a copy)
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    lses = [part.attend(q, k, v, run["need_lse"], out=out[:, :, part.q_rows[0]:part.q_rows[1]])[1]
+            for part in parts]
+    lse = None if any(l is None for l in lses) else torch.cat(lses, 2)
     return out, lse
 
 

@@ -122,6 +122,12 @@ def _pad_rows(x: torch.Tensor, n: int, value=0) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra), value=value)
 
 
+def _rows_contiguous(x: torch.Tensor) -> bool:
+    """Whether ``x [B, H, N, F]``'s rows are contiguous and follow each other (stride ``F``,
+    then 1): its row ranges then view as ``[B, H, G, block, F]`` tiles."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
 def _pad_last(x: torch.Tensor, n: int, value) -> torch.Tensor:
     extra = n - x.shape[-1]
     return x if extra == 0 else F.pad(x, (0, extra), value=value)
@@ -584,14 +590,17 @@ def _every_row_has_a_key(p: _Plan, t: _Tile) -> bool:
     return t.mask_cols is not None and sum(b - a for a, b in t.mask_cols) < width
 
 
-def _forward(p: _Plan, q, k, v, need_lse: bool = True):
+def _forward(p: _Plan, q, k, v, need_lse: bool = True, out: Optional[torch.Tensor] = None):
     """Engine forward on padded, compute-dtype tensors -> ``(out, lse)`` padded (``lse``
     None with ``need_lse=False``: then a group whose one tile holds every row's keys, each
     row with at least one allowed, runs torch's fused softmax in place — one kernel, 0.72x
-    the time of the unnormalized weights, their statistics and the output scaling)."""
+    the time of the unnormalized weights, their statistics and the output scaling).
+    ``out``: the ``[B, H, NQ_pad, Dv]`` statistics-dtype tensor to write (any view whose
+    rows are contiguous, e.g. some rows of a larger output), else a new one."""
     B, H = q.shape[:2]
     cdt = stat_dtype(q.dtype)
-    out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
+    if out is None:
+        out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device) if need_lse else None
     ws = kept_workspace("engine", q.device)  # tiles' gathered keys and scores: the same memory
     # every tile and every call
@@ -787,7 +796,11 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
     plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
                  qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
                  None if kv_blocks is None else full_slots, bool(exact_layout), k_valid is not None)
-    qc = _pad_rows(q.to(mdt), NQ).contiguous()
+    # queries only need contiguous rows (the tiles view them): a row range of a larger
+    # tensor (BigBird's row pieces) is not copied (64 MB at N = 65,536, H = 4)
+    qc = _pad_rows(q.to(mdt), NQ)
+    if not _rows_contiguous(qc):
+        qc = qc.contiguous()
     kc = _pad_rows(k.to(mdt), NK).contiguous()
     vc = _pad_rows(v.to(mdt), NK).contiguous()
     return plan, qc, kc, vc
@@ -858,6 +871,7 @@ def block_sparse_attention(
     full_slots: Optional[torch.Tensor] = None,
     exact_layout: bool = False,
     race: bool = True,
+    out: Optional[torch.Tensor] = None,
 ):
     """Attention restricted to a block layout.
 
@@ -887,6 +901,10 @@ def block_sparse_attention(
         race: where the dispatch ``"auto"`` on CPU would race FlexAttention against the
             own path (:mod:`effattn.mechanisms._flex`); ``False``: FlexAttention whenever
             usable (a layout built for it whose own-path alternative is another call).
+        out: without gradients only, a ``[B, H, Nq, Dv]`` tensor of q's dtype (any view
+            whose rows are contiguous, e.g. a row range of a larger output) that receives
+            the result, which is then returned as it (the engine writes its rows in place
+            where no padding or dtype change is involved; no output buffer of its own).
 
     Returns:
         ``(out [B, H, Nq, Dv]`` in q's dtype, ``lse [B, H, Nq]`` float32/float64), both
@@ -900,12 +918,26 @@ def block_sparse_attention(
                                 group_blocks=group_blocks, slot_chunk=slot_chunk,
                                 full_slots=full_slots, exact_layout=exact_layout)
     Nq = q.shape[2]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     # the forward's lse is kept for the backward
-    lse_wanted = need_lse or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    lse_wanted = need_lse or grad
+    into = None  # the engine's own output rows: out itself where nothing is padded or cast
+    if out is not None:
+        _check_out(out, q, v, grad)
+        if out.dtype == stat_dtype(q.dtype) and qc.shape[2] == Nq and _rows_contiguous(out):
+            into = out
 
     def own():
-        return RecomputedAttention.apply(qc, kc, vc, functools.partial(_forward, plan, need_lse=lse_wanted),
-                                         functools.partial(_backward, plan))
+        return RecomputedAttention.apply(qc, kc, vc, functools.partial(
+            _forward, plan, need_lse=lse_wanted, out=into), functools.partial(_backward, plan))
+
+    def result(o, lse):
+        o = o[:, :, :Nq]
+        if out is not None:
+            if not (o.data_ptr() == out.data_ptr() and o.stride() == out.stride()):
+                out.copy_(o)  # padded, cast or FlexAttention's: not written in place
+            o = out
+        return o.to(q.dtype), (None if lse is None else lse[:, :, :Nq])
 
     res = None
     if _flex.usable(plan, qc, kc, vc, need_lse):
@@ -919,12 +951,20 @@ def block_sparse_attention(
                     plan.kv_blocks, plan.nkb, plan.unmasked_slots()))
                 if res is None:
                     BACKEND_CALLS["engine"] += 1
-                    out, lse = mine
-                    return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])
+                    return result(*mine)
     if res is not None:
         BACKEND_CALLS["flexattention"] += 1
-        out, lse = res
-    else:
-        BACKEND_CALLS["engine"] += 1
-        out, lse = own()
-    return out[:, :, :Nq].to(q.dtype), (None if lse is None else lse[:, :, :Nq])
+        return result(*res)
+    BACKEND_CALLS["engine"] += 1
+    return result(*own())
+
+
+def _check_out(out: torch.Tensor, q: torch.Tensor, v: torch.Tensor, grad: bool) -> None:
+    """Raise ``ValueError`` unless ``out`` can receive :func:`block_sparse_attention`'s
+    result for ``q [B, H, Nq, D]``, ``v [.., Dv]`` (shape, dtype, device; no gradient)."""
+    want = (*q.shape[:3], v.shape[-1])
+    if grad:
+        raise ValueError("out: only without gradients (the result would not be differentiable)")
+    if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out: expected a {q.dtype} tensor of shape {want} on {q.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
