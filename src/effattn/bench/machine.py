@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from effattn import native
 from effattn.bench.measure import MATMUL_PROBE_N, matmul_rate
 
 
@@ -24,7 +25,8 @@ def cpu_model() -> str:
 
 
 def machine_info(device: str = "cpu", threads: int = 0, measure: bool = True) -> dict:
-    """A dict describing this machine; ``measure=True`` adds the fp32 matmul GFLOP/s
+    """A dict describing this machine (``native_kernels``: ``"loaded"`` or why
+    :mod:`effattn.native` is not used); ``measure=True`` adds the fp32 matmul GFLOP/s
     measured now with ``threads`` torch threads (0 = torch's default)."""
     if threads:
         torch.set_num_threads(threads)
@@ -36,6 +38,8 @@ def machine_info(device: str = "cpu", threads: int = 0, measure: bool = True) ->
         "python_version": sys.version.split()[0],
         "platform": platform.platform(),
         "device": device,
+        # built here, once, before any case's process loads it (effattn.native)
+        "native_kernels": native.status(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -75,7 +75,8 @@ def render(results: dict) -> str:
     lines = ["# effattn benchmark", ""]
     lines += [
         f"- machine: {mach['cpu_model']}, {mach['cpu_count']} CPUs, {mach['torch_threads']} torch threads, "
-        f"device `{mach['device']}`, torch {mach['torch_version']}, Python {mach['python_version']}",
+        f"device `{mach['device']}`, torch {mach['torch_version']}, Python {mach['python_version']}, "
+        f"native kernels: {mach.get('native_kernels', 'not recorded')}",
         f"- measured fp32 matmul rate ({mach.get('matmul_n')}²) at the start: **{mach.get('matmul_gflops', 0):.1f} "
         "GFLOP/s**; each case's *efficiency* divides by the rate measured in its own process right "
         f"after its timed calls ({_probe_span(results)}; `results.json`: `matmul_gflops` per case)",

@@ -211,7 +211,8 @@ def run_bench(cfg: BenchConfig, out_dir: Optional[str] = None, console=None, pro
         console.print(f"[yellow]{n}[/yellow]")
     machine = machine_info(cfg.device, cfg.threads)
     console.print(f"machine: {machine['cpu_model']}, {machine['torch_threads']} threads, torch "
-                  f"{machine['torch_version']}, matmul {machine['matmul_gflops']:.1f} GFLOP/s")
+                  f"{machine['torch_version']}, matmul {machine['matmul_gflops']:.1f} GFLOP/s, native kernels "
+                  f"{machine.get('native_kernels', 'not recorded')}")
     random_of = {t.label: (api.spec(t.ours).random if t.kind == "method" else True) for t in targets}
     n_time = len(targets) * len(cfg.lengths)
     n_acc = len(targets) * len(cfg.accuracy_lengths)

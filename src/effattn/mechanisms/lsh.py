@@ -74,6 +74,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from effattn import native
 from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length, flat_rows, take_rows
 from effattn.mechanisms._scratch import Workspace, kept_workspace
@@ -94,8 +95,12 @@ DEFAULT_N_HASHES = 2
 #: 0.75x the time of 16 MB slices, no change at 1,024 buckets or N = 2,048)
 HASH_SLICE_ELEMENTS = 1 << 20
 #: largest ``n_buckets // 2`` hashed with the projections laid out tokens-last (see
-#: :func:`hash_vectors`)
+#: :func:`hash_vectors`), with torch's passes ...
 TOKENS_LAST_MAX_HALF = 64
+#: ... and with the native argmax (:mod:`effattn.native`: one pass along the last dim;
+#: whole hash at B=1, H=4, 4 rounds: N = 2,048 1.3 ms tokens-last vs 1.5, N = 4,096 equal,
+#: N = 8,192 9.9 ms vs 13.0)
+NATIVE_TOKENS_LAST_MAX_HALF = 32
 #: bytes of sorted copies (query rows, key window, outputs) one group of chunks gathers: small
 #: enough to stay in cache and be recycled by the allocator (a fresh N-sized copy per call
 #: is page-faulted in every time: measured as half of the forward time at N = 16,384)
@@ -214,8 +219,12 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     # ``half`` entries run across contiguous rows of n tokens (vectorized) instead of along
     # a short last dim (N = 2,048, half = 16: 1.3 ms instead of 2.2 for the whole hash);
     # larger ``half``: [.., n, R, half] (equal at half = 32 and 64; 0.92x the time at 128;
-    # 0.84x at 512, N = 65,536: 833 vs 989 ms)
-    tokens_last = half <= TOKENS_LAST_MAX_HALF
+    # 0.84x at 512, N = 65,536: 833 vs 989 ms).  With the native argmax (one pass along
+    # the last dim, effattn.native) the last-dim layout serves from half = 64: the whole
+    # hash at 4 rounds, B=1, H=4 took 26 instead of 50 ms at N = 16,384 and 331 instead of
+    # 655 ms at 65,536
+    native_argmax = x.device.type == "cpu" and native.available()
+    tokens_last = half <= (NATIVE_TOKENS_LAST_MAX_HALF if native_argmax else TOKENS_LAST_MAX_HALF)
     lead = torch.broadcast_shapes(x.shape[:-2], rot.shape[:-3])
     BH = math.prod(lead)
     rot_m = rot.reshape(*rot.shape[:-3], rot.shape[-3], R * half)
@@ -234,8 +243,8 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
         if full and bufs is None:
             shape = (*lead, R, half, n) if tokens_last else (*lead, n, R, half)
             wdt = torch.uint8 if half < 256 else torch.int32  # as concat_argmax weighs hits
-            bufs = [torch.empty(shape, dtype=t, device=x.device)
-                    for t in ((cdt, torch.bool, wdt) if tokens_last else (cdt, cdt))]
+            kinds = (cdt, torch.bool, wdt) if tokens_last else (cdt,) if native_argmax else (cdt, cdt)
+            bufs = [torch.empty(shape, dtype=t, device=x.device) for t in kinds]
         if tokens_last:
             rv = torch.bmm(rot_m, xs.reshape(BH, n, -1).transpose(1, 2),
                            out=bufs[0].view(BH, R * half, n) if full else None)
@@ -244,7 +253,8 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
         else:
             rv = torch.matmul(xs, rot_m, out=bufs[0].view(*lead, n, R * half) if full else None)
             parts.append(concat_argmax(rv.view(*lead, n, R, half),
-                                       scratch=bufs[1] if full else None).transpose(-1, -2))
+                                       scratch=bufs[1] if full and len(bufs) > 1 else None
+                                       ).transpose(-1, -2))
     buckets = torch.cat(parts, -1)
     per_round = n_buckets
     if valid is not None:
@@ -268,9 +278,16 @@ def concat_argmax(x: torch.Tensor, dim: int = -1, scratch=None) -> torch.Tensor:
     writing bools cost 7x a subtraction there: 1M entries, 0.35 vs 0.05 ms); ``scratch``:
     optional tensor like ``x`` for it.  Along another dim (rows of contiguous columns) one
     ``==`` pass and uint8 (``h < 256``; else int32) weights, faster in that layout;
-    ``scratch``: optional ``(bool, uint8 or int32)`` tensors shaped like ``x``."""
+    ``scratch``: optional ``(bool, uint8 or int32)`` tensors shaped like ``x``.  Along the
+    last dim of a contiguous float32/float64 CPU tensor the native kernel
+    (:func:`effattn.native.concat_argmax`, same result) runs instead where it is built:
+    one pass instead of eight (a 4 MB slice of 512-wide rows: 126 vs ~700 us)."""
     h = x.shape[dim]
     last = dim in (-1, x.dim() - 1)
+    if last:  # one pass of the native kernel where it is built (effattn.native)
+        got = native.concat_argmax(x)
+        if got is not None:
+            return got
     pos = x.amax(dim, keepdim=True)
     mn = x.amin(dim, keepdim=True)
     neg = pos < -mn

@@ -1,0 +1,118 @@
+"""The optional native kernels (:mod:`effattn.native`): built where a C compiler is, the
+same results as their torch twins, and a clean fallback where they are not built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from effattn import native
+from effattn.mechanisms import lsh
+
+
+def _reference(x):
+    return torch.cat([x, -x], -1).argmax(-1)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A native library state of its own (environment, cache folder); the process's loaded
+    one is restored afterwards."""
+    monkeypatch.setenv("EFFATTN_CACHE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    yield
+    monkeypatch.undo()
+    native._library.cache_clear()
+
+
+def test_native_kernels_build_where_a_compiler_is():
+    """CI machines have gcc: the kernels must load there (a silent fallback would leave
+    them untested)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the torch twins run")
+    assert native.available(), native.status()
+
+
+@given(rows=st.integers(0, 40), h=st.integers(1, 600), lo=st.integers(-4, 0), hi=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 1000))
+@settings(max_examples=60, deadline=None)
+def test_native_concat_argmax_is_the_argmax_of_the_concatenation(rows, h, lo, hi, dtype, seed):
+    """Same index as ``argmax(cat([x, -x]))``, ties included (small integers tie often: the
+    first maximum wins, the positive half before the negative), all-zero rows, signed
+    zeros, random reals."""
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(seed)
+    ties = torch.randint(lo, hi, (rows, 3, h), generator=g).to(dtype)
+    if rows:
+        ties[0, 0] = 0.0
+        ties[0, 1] = -0.0
+    reals = torch.randn(rows, 2, h, generator=g, dtype=dtype)
+    for x in (ties, reals):
+        assert torch.equal(native.concat_argmax(x), _reference(x))
+        assert torch.equal(native.concat_argmax(x), lsh.concat_argmax(x))
+
+
+def test_native_concat_argmax_keeps_nan_rows_in_range_and_declines_other_tensors():
+    if not native.available():
+        pytest.skip(native.status())
+    x = torch.randn(5, 33)
+    x[1, 4] = float("nan")
+    x[2] = float("nan")
+    got = native.concat_argmax(x)
+    assert bool(((got >= 0) & (got < 66)).all())
+    clean = [0, 3, 4]
+    assert torch.equal(got[clean], _reference(x[clean]))
+    # not served: the caller's torch passes run instead
+    assert native.concat_argmax(torch.randn(4, 6).t()) is None  # not contiguous
+    assert native.concat_argmax(torch.randint(0, 5, (4, 6))) is None
+    assert native.concat_argmax(torch.randn(4, 6, dtype=torch.bfloat16)) is None
+    assert native.concat_argmax(torch.randn(4, 6, requires_grad=True)) is None
+
+
+@pytest.mark.parametrize("N", [512, 4096])  # half 4 (tokens-last layout) and 32 / 64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_buckets_are_the_same_with_and_without_the_native_argmax(monkeypatch, N, dtype):
+    """Buckets from the native argmax (and the layout chosen with it) equal the torch
+    passes' buckets, padding bucket included."""
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(2, 3, N, 16, generator=g, dtype=dtype)
+    valid = torch.rand(2, 1, N, generator=g) > 0.1
+    for n_buckets in (8, 64, 128):
+        rot = torch.randn(3, 16, 2, n_buckets // 2, generator=g, dtype=dtype)
+        with_native = lsh.hash_vectors(x, rot, n_buckets, valid)
+        monkeypatch.setattr(native, "available", lambda: False)
+        monkeypatch.setattr(native, "concat_argmax", lambda t: None)
+        without = lsh.hash_vectors(x, rot, n_buckets, valid)
+        monkeypatch.undo()
+        assert torch.equal(with_native, without)
+        ref = _reference(torch.einsum("bhnd,hdrk->bhrnk", x, rot)) + \
+            torch.arange(2).view(2, 1) * (n_buckets + 1)
+        ref = torch.where(valid[:, :, None], ref, torch.full_like(ref, n_buckets) +
+                          torch.arange(2).view(2, 1) * (n_buckets + 1))
+        assert torch.equal(with_native, ref.flatten(-2))
+
+
+def test_environment_switch_disables_the_kernels(monkeypatch, fresh_library):
+    monkeypatch.setenv("EFFATTN_NATIVE", "0")
+    assert not native.available()
+    assert "EFFATTN_NATIVE" in native.status()
+    assert native.concat_argmax(torch.randn(3, 4)) is None
+    x = torch.randn(2, 1, 64, 8)
+    rot = torch.randn(8, 2, 16)
+    assert lsh.hash_vectors(x, rot, 32).shape == (2, 1, 128)  # the torch passes serve
+
+
+def test_a_failing_compiler_falls_back_with_its_reason(monkeypatch, fresh_library):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` command to stand in for a broken compiler")
+    monkeypatch.setenv("CC", false)
+    assert not native.available()
+    assert native.status().startswith("build or load failed")
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    native._library.cache_clear()
+    assert not native.available() and "no C compiler" in native.status()
