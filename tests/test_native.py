@@ -84,11 +84,13 @@ def test_hash_buckets_are_the_same_with_and_without_the_native_argmax(monkeypatc
     for n_buckets in (8, 64, 128):
         rot = torch.randn(3, 16, 2, n_buckets // 2, generator=g, dtype=dtype)
         with_native = lsh.hash_vectors(x, rot, n_buckets, valid)
+        monkeypatch.setattr(native, "hash_buckets", lambda *a: False)  # slices declined
+        declined = lsh.hash_vectors(x, rot, n_buckets, valid)
         monkeypatch.setattr(native, "available", lambda: False)
         monkeypatch.setattr(native, "concat_argmax", lambda t: None)
         without = lsh.hash_vectors(x, rot, n_buckets, valid)
         monkeypatch.undo()
-        assert torch.equal(with_native, without)
+        assert torch.equal(with_native, without) and torch.equal(declined, without)
         ref = _reference(torch.einsum("bhnd,hdrk->bhrnk", x, rot)) + \
             torch.arange(2).view(2, 1) * (n_buckets + 1)
         ref = torch.where(valid[:, :, None], ref, torch.full_like(ref, n_buckets) +
@@ -116,3 +118,23 @@ def test_a_failing_compiler_falls_back_with_its_reason(monkeypatch, fresh_librar
     monkeypatch.setenv("CC", "no-such-compiler-anywhere")
     native._library.cache_clear()
     assert not native.available() and "no C compiler" in native.status()
+
+
+@given(BH=st.integers(1, 3), n=st.integers(1, 9), R=st.integers(1, 3), h=st.integers(1, 70),
+       t0=st.integers(0, 4), per_round=st.integers(0, 300), seed=st.integers(0, 1000))
+@settings(max_examples=40, deadline=None)
+def test_native_hash_buckets_write_their_columns_with_round_offsets(BH, n, R, h, t0, per_round, seed):
+    """``out[b, r, t] = argmax(concat[x[b, t, r], -x[b, t, r]]) + r * per_round`` into columns
+    ``t0 .. t0 + n`` of a larger bucket tensor; the other columns stay untouched."""
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 3, (BH, n, R, h), generator=g).float()
+    whole = torch.full((BH, R, n + t0 + 2), -7, dtype=torch.long)
+    assert native.hash_buckets(x, whole[:, :, t0:t0 + n], per_round)
+    want = _reference(x).transpose(1, 2) + torch.arange(R).view(R, 1) * per_round
+    assert torch.equal(whole[:, :, t0:t0 + n], want)
+    assert bool((whole[:, :, :t0] == -7).all()) and bool((whole[:, :, t0 + n:] == -7).all())
+    assert not native.hash_buckets(x, torch.empty(BH, R, n + 1, dtype=torch.long), per_round)
+    assert not native.hash_buckets(x.long(), whole[:, :, t0:t0 + n], per_round)
+    assert not native.hash_buckets(x, whole[:, :, t0:t0 + n].int(), per_round)

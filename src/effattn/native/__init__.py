@@ -3,8 +3,10 @@
 Some passes are memory-bound chains of torch operations that one loop does in a single
 read: LSH hashing's ``argmax(concat[xR, -xR])`` took 8 passes over the projections (375 of
 a ~920 ms forward at N = 65,536, 1,024 buckets, B=1, H=4 on the 2-core Xeon the
-performance figures come from).  Each kernel here has a pure-torch twin that gives the same
-result, used wherever the kernel is not available:
+performance figures come from).  :func:`concat_argmax` does it in one pass, and
+:func:`hash_buckets` also writes a slice's buckets with their round offsets straight into
+the bucket tensor.  Each kernel here has a pure-torch twin that gives the same result, used
+wherever the kernel is not available:
 
 - no C compiler (``$CC``, else ``cc`` / ``gcc`` on ``PATH``), or it failed; not Linux or
   macOS;
@@ -34,7 +36,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "concat_argmax"]
+__all__ = ["available", "status", "concat_argmax", "hash_buckets"]
 
 _SOURCE = Path(__file__).with_name("concat_argmax.c")
 # unrolled reductions with several accumulators: 0.75x the time per 4 MB slice of 512-wide rows
@@ -131,10 +133,13 @@ def _library():
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _reason = f"build or load failed: {err}"
         return None
-    for name, ctype in (("effattn_concat_argmax_f32", ctypes.c_float),
-                        ("effattn_concat_argmax_f64", ctypes.c_double)):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"effattn_concat_argmax_{suffix}")
+        fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+        fn.restype = None
+        fn = getattr(lib, f"effattn_hash_buckets_{suffix}")
+        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
         fn.restype = None
     _reason = "loaded"
     return lib
@@ -151,18 +156,43 @@ def status() -> str:
     return _reason
 
 
+def _serves(lib, x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x [..., h]``: loaded, float32/float64, contiguous, on the
+    CPU, no gradient, ``0 < h < 2^31``."""
+    h = x.shape[-1] if x.dim() else 0
+    return (lib is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.is_contiguous() and 0 < h < 2 ** 31 and not x.requires_grad)
+
+
 def concat_argmax(x: torch.Tensor) -> Optional[torch.Tensor]:
     """``argmax(concat[x, -x], -1)`` of ``x [..., h]`` (float32/float64, contiguous, on the
     CPU) -> long ``[...]`` (first maximum wins; a row holding NaN gives some index in
     ``[0, 2h)``), or None where the kernel does not serve (not loaded, or such a tensor)."""
     lib = _library()
-    h = x.shape[-1] if x.dim() else 0
-    if (lib is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or not x.is_contiguous() or h == 0 or h >= 2 ** 31 or x.requires_grad):
+    if not _serves(lib, x):
         return None
+    h = x.shape[-1]
     out = torch.empty(x.shape[:-1], dtype=torch.long)
     rows = out.numel()
     if rows:
         fn = lib.effattn_concat_argmax_f32 if x.dtype == torch.float32 else lib.effattn_concat_argmax_f64
         fn(x.data_ptr(), rows, h, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def hash_buckets(x: torch.Tensor, out: torch.Tensor, per_round: int) -> bool:
+    """LSH buckets of a slice of projections, written into ``out``: ``x [BH, n, R, h]``
+    (as :func:`concat_argmax` takes) and long ``out [BH, R, n]`` (any strides, e.g. columns
+    of the whole ``[BH, R, N]`` bucket tensor) get ``out[b, r, t] = argmax(concat[x[b, t,
+    r], -x[b, t, r]]) + r * per_round``.  Returns False (``out`` untouched) where the
+    kernel does not serve."""
+    lib = _library()
+    if (not _serves(lib, x) or x.dim() != 4 or out.dtype != torch.long or out.device.type != "cpu"
+            or tuple(out.shape) != (x.shape[0], x.shape[2], x.shape[1]) or out.stride(2) != 1):
+        return False
+    BH, n, R, h = x.shape
+    if x.numel():
+        fn = lib.effattn_hash_buckets_f32 if x.dtype == torch.float32 else lib.effattn_hash_buckets_f64
+        fn(x.data_ptr(), BH, n, R, h, out.data_ptr(), out.stride(0), out.stride(1), per_round,
+           torch.get_num_threads())
+    return True

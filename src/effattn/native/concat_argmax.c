@@ -39,3 +39,20 @@ ROW_ARGMAX(row_argmax_f64, double)
 
 CONCAT_ARGMAX(effattn_concat_argmax_f32, row_argmax_f32, float)
 CONCAT_ARGMAX(effattn_concat_argmax_f64, row_argmax_f64, double)
+
+/* LSH buckets straight from a slice of projections: x [BH, n, R, h] (contiguous) ->
+ * out[bh * out_bh + r * out_r + t] = argmax(concat[x[bh, t, r], -x[bh, t, r]]) + r * per_round
+ * (the round's offset added; out strided, e.g. columns t0 .. t0 + n of [BH, R, N]). */
+#define HASH_BUCKETS(NAME, ROW, T)                                             \
+    void NAME(const T *x, int64_t BH, int64_t n, int64_t R, int64_t h, int64_t *out, \
+              int64_t out_bh, int64_t out_r, int64_t per_round, int nthreads) { \
+        int64_t rows = BH * n * R;                                             \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * h >= 65536)") \
+        for (int64_t i = 0; i < rows; i++) {                                   \
+            int64_t r = i % R, t = (i / R) % n, bh = i / (R * n);              \
+            out[bh * out_bh + r * out_r + t] = ROW(x + i * h, h) + r * per_round; \
+        }                                                                      \
+    }
+
+HASH_BUCKETS(effattn_hash_buckets_f32, row_argmax_f32, float)
+HASH_BUCKETS(effattn_hash_buckets_f64, row_argmax_f64, double)
