@@ -138,3 +138,123 @@ def test_native_hash_buckets_write_their_columns_with_round_offsets(BH, n, R, h,
     assert not native.hash_buckets(x, torch.empty(BH, R, n + 1, dtype=torch.long), per_round)
     assert not native.hash_buckets(x.long(), whole[:, :, t0:t0 + n], per_round)
     assert not native.hash_buckets(x, whole[:, :, t0:t0 + n].int(), per_round)
+
+
+def _lsh_both_ways(monkeypatch, q, k, v, *, shared, grad, **opts):
+    """``lsh`` results ``[out, lse]`` (with ``grad``, then the gradients of q, v and, unless
+    ``shared``, k) through the fused native chunk kernel and through the torch groups, and
+    whether each kernel call served."""
+    import effattn
+
+    calls = []
+    real = native.lsh_chunks
+
+    def counted(*a, **kw):
+        calls.append(real(*a, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(native, "lsh_chunks", counted)
+    results = []
+    for use in (True, False):
+        monkeypatch.setattr(lsh, "USE_NATIVE_CHUNKS", use)
+        xs = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+        with torch.set_grad_enabled(grad):
+            out, lse = effattn.attention(xs[0], None if shared else xs[1], xs[2], "lsh",
+                                         return_lse=True, **opts)
+        res = [out.detach(), lse.detach()]
+        if grad:
+            g = torch.Generator().manual_seed(5)
+            (out * torch.randn(out.shape, generator=g)).sum().backward()
+            res += [x.grad for x in (xs[::2] if shared else xs)]
+        results.append(res)
+    return results, calls
+
+
+@pytest.mark.parametrize("shared,causal,padded,before,after,n_hashes,C,D", [
+    (True, False, False, 1, 0, 4, 64, 64),   # the bench's setting
+    (True, True, False, 1, 0, 2, 16, 32),
+    (False, False, True, 1, 0, 3, 32, 16),
+    (True, True, True, 2, 1, 2, 16, 48),
+    (True, False, True, 1, 1, 1, 16, 32),   # one round: the window wraps onto itself
+    (False, True, False, 1, 0, 2, 48, 80),  # odd vector counts (columns, values)
+])
+def test_native_lsh_chunks_equal_the_torch_groups(monkeypatch, shared, causal, padded, before,
+                                                  after, n_hashes, C, D):
+    """The fused chunk kernel (forward: scores, shared-QK self penalty, causal and padding
+    masks, base-2 softmax, round merge) gives the torch groups' output and lse, forward and
+    under training (the backward recomputes from the kernel's merged lse); padding leaves
+    fully masked rows (zeros, -inf)."""
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(1)
+    N = 8 * C
+    q, k, v = (torch.randn(2, 2, N, D, generator=g) for _ in range(3))
+    pm = None
+    if padded:
+        pm = torch.ones(2, N, dtype=torch.bool)
+        pm[0, N - 3 * C // 2:] = False
+        pm[1, :5] = False
+    opts = dict(n_hashes=n_hashes, chunk_len=C, causal=causal, padding_mask=pm,
+                n_chunks_before=before, n_chunks_after=after, seed=3)
+    for grad in (False, True):
+        (fused, ref), calls = _lsh_both_ways(monkeypatch, q, k, v, shared=shared, grad=grad, **opts)
+        assert calls and all(calls), "the kernel must serve these shapes"
+        assert torch.equal(torch.isneginf(fused[1]), torch.isneginf(ref[1]))
+        fin = torch.isfinite(ref[1])
+        torch.testing.assert_close(fused[1][fin], ref[1][fin], rtol=0, atol=5e-6)
+        for a, b in zip([fused[0]] + fused[2:], [ref[0]] + ref[2:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
+
+
+def test_native_lsh_chunks_decline_what_they_do_not_take():
+    """Shapes off the vector width, other dtypes, tensors wanting gradients and too few
+    chunks are declined (nothing written); the torch groups then run."""
+    if not native.available():
+        pytest.skip(native.status())
+    vw = native._library().effattn_lsh_vector_width()
+    N, C = 64, 16
+
+    def call(q, k, v, chunk_len=C, before=1, rounds=2):
+        pos = torch.arange(N).repeat(rounds).view(1, 1, -1)
+        out = torch.full((1, 1, N, v.shape[-1]), 7.0)
+        lse = torch.full((1, 1, N), 7.0)
+        served = native.lsh_chunks(q, k, v, pos, pos, None, chunk_len=chunk_len, before=before,
+                                   after=0, qscale=1.0, exclude_self=True, penalty=1e5, causal=False,
+                                   first=0, count=N // chunk_len, out=out, lse=lse, merge=False)
+        return served, bool((out == 7.0).all() and (lse == 7.0).all())
+
+    x = torch.randn(1, 1, N, 32)
+    assert call(x, x, x) == (True, False)
+    odd = torch.randn(1, 1, N, vw + 4)
+    assert call(odd, odd, odd) == (False, True)
+    assert call(x.double(), x.double(), x.double()) == (False, True)
+    assert call(x.bfloat16(), x.bfloat16(), x.bfloat16()) == (False, True)
+    assert call(x, x, x, chunk_len=vw + 4) == (False, True)
+    assert call(x, x, x, before=2 * N // C, rounds=2) == (False, True)  # window > chunks
+    w = x.clone().requires_grad_(True)
+    assert call(w, x, x) == (False, True)
+    with torch.no_grad():
+        assert call(w, x, x)[0]
+
+
+def test_native_lsh_chunks_merge_rounds_like_merge_pair():
+    """Written then merged rows: the second call folds its rows into the first's with the
+    log-sum-exp weights of :func:`effattn.softmax.merge_pair_` (here two identical rounds:
+    the output is unchanged, the lse rises by log 2)."""
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(0)
+    N, C = 64, 16
+    q, k, v = (torch.randn(1, 2, N, 32, generator=g) for _ in range(3))
+    perm = torch.randperm(N, generator=g)
+    pos = torch.cat([perm, perm]).view(1, 1, -1)
+    out, lse = torch.empty(1, 2, N, 32), torch.empty(1, 2, N)
+    kw = dict(chunk_len=C, before=1, after=0, qscale=1.0, exclude_self=False, penalty=0.0,
+              causal=False, count=N // C, out=out, lse=lse)
+    assert native.lsh_chunks(q, k, v, pos, pos, None, first=0, merge=False, **kw)
+    o1, l1 = out.clone(), lse.clone()
+    # round 1 repeats round 0's chunks, but its first chunk's window wraps onto round 0's last
+    # chunk, which is round 1's own last chunk: identical windows for every chunk
+    assert native.lsh_chunks(q, k, v, pos, pos, None, first=N // C, merge=True, **kw)
+    torch.testing.assert_close(out, o1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, l1 + torch.log(torch.tensor(2.0)), rtol=0, atol=2e-6)

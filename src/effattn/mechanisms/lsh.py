@@ -707,6 +707,30 @@ def _round_inverse(g: _Sorted, r: int, B: int, H: int) -> torch.Tensor:
     return flat_rows(torch.empty_like(pos).scatter_(-1, pos, slots), B, H, n)
 
 
+def _native_rounds(g: _Sorted, q, k, v, out: torch.Tensor, lse: torch.Tensor) -> bool:
+    """Every round's sorted chunks forward through the fused native kernel
+    (:func:`effattn.native.lsh_chunks`: the scores, masks and base-2 softmax of
+    :func:`_group_forward` without gathered copies, each row written to its token's row
+    of ``out [B, H, seqlen, Dv]`` and ``lse [B, H, seqlen]``, later rounds merged there);
+    False where it does not serve (then nothing is written)."""
+    if not (USE_NATIVE_CHUNKS and g.banded):
+        return False
+    cpr = g.seqlen // g.chunk_len
+    for r in range(g.n_rounds):
+        if not native.lsh_chunks(
+                q, k, v, g.q_pos, g.k_pos, g.k_valid, chunk_len=g.chunk_len,
+                before=g.n_chunks_before, after=g.n_chunks_after, qscale=g.scale * LOG2_E,
+                exclude_self=g.exclude_self, penalty=SELF_PENALTY * LOG2_E, causal=g.causal,
+                first=r * cpr, count=cpr, out=out, lse=lse, merge=r > 0):
+            assert r == 0, "the kernel serves every round or none"
+            return False
+    return True
+
+
+#: run the sorted chunks' forward through the native kernel where it serves
+USE_NATIVE_CHUNKS = True
+
+
 def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     """Every group of sorted chunks (:func:`_group_forward`), merged per token round by round.
 
@@ -724,6 +748,8 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     out = torch.empty(B, H, n, Dv, dtype=cdt, device=v.device)
     lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
     rounds = []
+    if not keep_rounds and _native_rounds(g, q, k, v, out, lse):
+        return out, lse, rounds
     sorted_out = ws.get("round_out", (BH, n, Dv), out)
     sorted_lse = ws.get("round_lse", (BH, n), lse)
     cpr = n // C

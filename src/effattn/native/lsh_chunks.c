@@ -1,0 +1,371 @@
+/* effattn native kernel: LSH attention's sorted-chunk forward, fused (C99 + GCC vector
+ * extensions, optionally OpenMP), loaded with ctypes by effattn/native/__init__.py.
+ *
+ * For every (batch*head) bh and sorted chunk g of a range, the chunk's C query rows attend
+ * to the C key rows of each of its window chunks g - before .. g + after (cyclic over the
+ * T sorted chunks of all rounds), exactly as effattn.mechanisms.lsh._group_forward does
+ * with torch operations: the rows are read straight from q, k, v through the sorted
+ * positions (no gathered copies in memory), each key chunk is transposed once into a
+ * thread's buffer and reused by the query chunks that see it, and the scores, their
+ * masks, the base-2 softmax and the product with the values stay in that thread's cache.
+ * The float32 register blocks are 4 rows x up to 4 vectors (VW lanes: 16 with AVX-512,
+ * else 8; the compiler splits them where the machine's vectors are narrower). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vload(const float *p) { vf r; memcpy(&r, p, sizeof r); return r; }
+static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+static inline vi viload(const int32_t *p) { vi r; memcpy(&r, p, sizeof r); return r; }
+static inline vf vsplat(float a) { return (vf){0} + a; }
+static inline vf vselect(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* 2^x for x <= 0 (scores minus their row maximum; -inf gives 0): x = n + f with n the
+ * integer part (toward zero, so f in (-1, 0]), 2^f = 2^-0.5 * 2^(f + 0.5) by a degree-6
+ * Taylor polynomial on |f + 0.5| <= 0.5 (relative error ~1e-7), 2^n built in the
+ * exponent bits; x <= -127 gives exactly 0. */
+static inline vf vexp2(vf x) {
+    const vf lo = vsplat(-127.0f);
+    vf xc = vselect(x < lo, lo, x);
+    vi n = __builtin_convertvector(xc, vi);
+    vf t = (xc - __builtin_convertvector(n, vf) + 0.5f) * 0.69314718055994531f;
+    vf p = vsplat(1.0f / 720.0f);
+    p = p * t + 1.0f / 120.0f;
+    p = p * t + 1.0f / 24.0f;
+    p = p * t + 1.0f / 6.0f;
+    p = p * t + 0.5f;
+    p = p * t + 1.0f;
+    p = p * t + 1.0f;
+    vf two_n = (vf)((n + 127) << 23);
+    return p * two_n * 0.70710678118654752f;
+}
+
+/* log2 x for finite x > 0 (normal): the exponent bits plus log2 of the mantissa scaled
+ * into [sqrt(1/2), sqrt(2)), by 2 atanh(z), z = (m - 1) / (m + 1), |z| < 0.172, to z^9
+ * (relative error ~1e-9 before rounding). */
+static inline vf vlog2(vf x) {
+    vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 127;
+    vf m = (vf)((bits & 0x7fffff) | 0x3f800000);
+    vi big = m > 1.41421356237f;
+    m = vselect(big, m * 0.5f, m);
+    e -= big; /* big is -1 where true */
+    vf z = (m - 1.0f) / (m + 1.0f), z2 = z * z;
+    vf p = z2 * (1.0f / 9.0f) + 1.0f / 7.0f;
+    p = p * z2 + 1.0f / 5.0f;
+    p = p * z2 + 1.0f / 3.0f;
+    p = p * z2 + 1.0f;
+    return __builtin_convertvector(e, vf) + z * p * 2.88539008177792681f; /* 2 log2 e */
+}
+
+static inline float hmax(vf x) {
+    float m = x[0];
+    for (int i = 1; i < VW; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static inline float hsum(vf x) {
+    float h[VW];
+    memcpy(h, &x, sizeof h);
+    for (int w = VW / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) h[i] += h[i + w];
+    return h[0];
+}
+
+/* O[r][v*VW + l] = sum_s sum_j P[r][s*C + j] * Vs[s][j][col + v*VW + l] for 4 rows and NV
+ * vectors: the weights times the values (S window chunks of C keys each), and with S = 1
+ * the scores (P = Q [C][D], Vs[0] = the transposed keys Kt [D][C]). */
+#define MM_BLOCK(NAME, NV)                                                              \
+    static inline void NAME(int S, int C, const float *P, int ldp, float *const *Vs,    \
+                            int ldv, int col, float *O, int ldo) {                      \
+        vf acc[4][NV];                                                                  \
+        for (int r = 0; r < 4; r++)                                                     \
+            for (int v = 0; v < NV; v++) acc[r][v] = vsplat(0.0f);                      \
+        for (int s = 0; s < S; s++) {                                                   \
+            const float *V = Vs[s] + col, *Ps = P + s * C;                              \
+            for (int j = 0; j < C; j++) {                                               \
+                vf b[NV];                                                               \
+                for (int v = 0; v < NV; v++) b[v] = vload(V + (int64_t)j * ldv + v * VW); \
+                for (int r = 0; r < 4; r++) {                                           \
+                    vf a = vsplat(Ps[r * ldp + j]);                                     \
+                    for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];                 \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (int r = 0; r < 4; r++)                                                     \
+            for (int v = 0; v < NV; v++) vstore(O + r * ldo + v * VW, acc[r][v]);       \
+    }
+
+MM_BLOCK(mm_4x4, 4)
+MM_BLOCK(mm_4x2, 2)
+MM_BLOCK(mm_4x1, 1)
+
+/* MM_BLOCK over all nv vectors of the output rows: blocks of 4, then 2, then 1. */
+static inline void mm_rows4(int S, int C, const float *P, int ldp, float *const *Vs, int ldv,
+                            int64_t nv, float *O, int ldo) {
+    int64_t v0 = 0;
+    for (; nv - v0 >= 4; v0 += 4) mm_4x4(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
+    for (; nv - v0 >= 2; v0 += 2) mm_4x2(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
+    for (; v0 < nv; v0++) mm_4x1(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
+}
+
+/* One key chunk in a thread's ring: transposed keys Kt [D][C], values [C][Dv], positions
+ * and validity of its rows; `id` the (unwrapped) chunk index it holds. */
+typedef struct {
+    int64_t id;
+    float *kt, *v;
+    int32_t *pos;
+    int32_t *valid; /* -1 valid, 0 not (a lane mask) */
+} KeyChunk;
+
+static inline void copy_row(float *dst, const float *src, int64_t len) {
+    for (int64_t d = 0; d < len; d += VW) vstore(dst + d, vload(src + d));
+}
+
+static inline void prefetch_row(const float *row, int64_t len) {
+    for (int64_t d = 0; d < len; d += 16) __builtin_prefetch(row + d);
+}
+
+/* Row stats of a chunk's C rows (C a multiple of VW): from the base-2 row maxima m and
+ * weight sums t, the natural log-sum-exp l (-inf where m is: no key) and the factors the
+ * unnormalized output rows get: written (merge = 0) as o * inv (inv = 1 / t), or merged
+ * (merge = 1, effattn.softmax.merge_pair_) into the token's row and lse a as
+ * out * keep + o * scale, lse = logaddexp(a, l), with w = exp(l) / (exp(a) + exp(l)),
+ * keep = 1 - w, scale = w / t (a row without keys leaves the token's row as it is).  a
+ * holds the tokens' current lse on entry (merge) and their new lse on exit. */
+static inline void row_stats(int64_t C, const float *m, const float *t, float *a, float *keep,
+                             float *scale, int merge) {
+    const vf ninf = vsplat(-INFINITY), zero = vsplat(0.0f), one = vsplat(1.0f);
+    const float ln2 = 0.69314718055994531f, log2e = 1.44269504088896341f;
+    for (int64_t i = 0; i < C; i += VW) {
+        vf mv = vload(m + i), tv = vload(t + i);
+        vi none = mv == ninf;
+        vf ts = vselect(none, one, tv);
+        vf l = vselect(none, ninf, (vlog2(ts) + mv) * ln2);
+        vf inv = vselect(none, zero, one / ts);
+        if (!merge) {
+            vstore(a + i, l);
+            vstore(keep + i, zero);
+            vstore(scale + i, inv);
+            continue;
+        }
+        vf av = vload(a + i), d = av - l;
+        vf ad = vselect(d < 0.0f, -d, d);
+        vf e = vexp2(-ad * log2e); /* exp(-|a - l|); 0 where one side is -inf */
+        vi l_wins = l >= av;
+        vf w = vselect(l_wins, one, e) / (one + e);
+        vf mx = vselect(l_wins, l, av);
+        vf lse = mx + vlog2(one + e) * ln2;
+        w = vselect(none, zero, w);
+        vstore(a + i, vselect(none, av, lse));
+        vstore(keep + i, one - w);
+        vstore(scale + i, w * inv);
+    }
+}
+
+/* dst = dst * keep + o * scale over Dv (merge), or dst = o * scale (keep unused). */
+static inline void put_row(float *dst, const float *o, float keep, float scale, int64_t Dv,
+                           int merge) {
+    vf sv = vsplat(scale);
+    if (!merge) {
+        for (int64_t d = 0; d < Dv; d += VW) vstore(dst + d, vload(o + d) * sv);
+        return;
+    }
+    vf kv = vsplat(keep);
+    for (int64_t d = 0; d < Dv; d += VW) vstore(dst + d, vload(dst + d) * kv + vload(o + d) * sv);
+}
+
+/* The query chunk loop.  q, k [BH*n, D], v [BH*n, Dv] (rows in original order, flat over
+ * bh); q_pos, k_pos [BH, R*n] (sorted slot -> original position; k_pos may equal q_pos);
+ * k_valid [BH, n] bytes (1 = valid) or NULL.  Chunks first .. first + count - 1 of the
+ * T = R*n/C sorted chunks, each holding a token at most once (one round's chunks); each
+ * sees chunks g - before .. g + after mod T (T >= their count).  Each query row's
+ * normalized output and natural log-sum-exp (zeros and -inf for a row with every key
+ * masked) go to its token's row of out [BH, n, Dv] and lse [BH, n] (contiguous), written
+ * (merge = 0) or merged into what is there (merge = 1: the log-sum-exp merge of rounds).
+ * qscale multiplies the query rows (the softmax scale times log2 e: the scores are in
+ * base-2 units); penalty (base-2 units) is subtracted from a score whose key position
+ * equals the query's (exclude_self); causal masks keys after the query.  Requires C, D, Dv
+ * multiples of VW (the caller checks effattn_lsh_vector_width). */
+/* One thread's items lo .. hi - 1 (item = bh * count + chunk - first) of
+ * effattn_lsh_chunks_f32; always inlined, so that calls with constant C, D, Dv compile
+ * to fully unrolled loops. */
+static inline __attribute__((always_inline)) void chunk_range(
+    const float *q, const float *k, const float *v, const int64_t *q_pos, const int64_t *k_pos,
+    const uint8_t *k_valid, int64_t n, int64_t R, const int64_t C, int64_t before, int64_t after,
+    const int64_t D, const int64_t Dv, float qscale, int exclude_self, float penalty, int causal,
+    int64_t first, int64_t count, float *out, float *lse, int merge, int64_t lo, int64_t hi) {
+    const int64_t L = R * n, T = L / C, S = before + 1 + after, W = S * C;
+    const int masks = exclude_self || causal || k_valid != NULL;
+    {
+        float *qs = aligned_alloc(64, sizeof(float) * C * D);
+        float *sc = aligned_alloc(64, sizeof(float) * C * W);
+        float *o = aligned_alloc(64, sizeof(float) * 4 * Dv);
+        int32_t *qp = aligned_alloc(64, sizeof(int32_t) * C);
+        float *mrow = aligned_alloc(64, sizeof(float) * C), *trow = aligned_alloc(64, sizeof(float) * C);
+        float *la = aligned_alloc(64, sizeof(float) * C), *keep = aligned_alloc(64, sizeof(float) * C);
+        float *scl = aligned_alloc(64, sizeof(float) * C);
+        KeyChunk ring[S];
+        float *vs[S];
+        for (int64_t s = 0; s < S; s++) {
+            ring[s].id = INT64_MIN;
+            ring[s].kt = aligned_alloc(64, sizeof(float) * D * C);
+            ring[s].v = aligned_alloc(64, sizeof(float) * C * Dv);
+            ring[s].pos = aligned_alloc(64, sizeof(int32_t) * C);
+            ring[s].valid = aligned_alloc(64, sizeof(int32_t) * C);
+        }
+        int64_t ring_bh = -1;
+        for (int64_t it = lo; it < hi; it++) {
+            const int64_t bh = it / count, g = first + it % count;
+            const float *qb = q + bh * n * D, *kb = k + bh * n * D, *vb = v + bh * n * Dv;
+            float *ob = out + bh * n * Dv, *lbh = lse + bh * n;
+            if (bh != ring_bh) {
+                for (int64_t s = 0; s < S; s++) ring[s].id = INT64_MIN;
+                ring_bh = bh;
+            }
+            if (it + 1 < hi) { /* the next chunk's rows, fetched while this one computes */
+                const int64_t bn = (it + 1) / count, gn = first + (it + 1) % count;
+                const int64_t cn = (((gn + after) % T) + T) % T;
+                for (int64_t i = 0; i < C; i++) {
+                    int64_t p = q_pos[bn * L + gn * C + i], pk = k_pos[bn * L + cn * C + i];
+                    prefetch_row(q + (bn * n + p) * D, D);
+                    if (merge) prefetch_row(out + (bn * n + p) * Dv, Dv);
+                    prefetch_row(k + (bn * n + pk) * D, D);
+                    prefetch_row(v + (bn * n + pk) * Dv, Dv);
+                }
+            }
+            /* the query rows, scaled */
+            for (int64_t i = 0; i < C; i++) {
+                int64_t p = q_pos[bh * L + g * C + i];
+                qp[i] = (int32_t)p;
+                const float *src = qb + p * D;
+                vf qv = vsplat(qscale);
+                for (int64_t d = 0; d < D; d += VW) vstore(qs + i * D + d, vload(src + d) * qv);
+            }
+            /* the window's key chunks (loaded into the ring where missing) and scores */
+            for (int64_t s = 0; s < S; s++) {
+                int64_t c = g - before + s;
+                KeyChunk *kc = &ring[((c % S) + S) % S];
+                if (kc->id != c) {
+                    int64_t cc = ((c % T) + T) % T;
+                    for (int64_t j = 0; j < C; j++) {
+                        int64_t p = k_pos[bh * L + cc * C + j];
+                        kc->pos[j] = (int32_t)p;
+                        kc->valid[j] = (k_valid == NULL || k_valid[bh * n + p]) ? -1 : 0;
+                        const float *kr = kb + p * D;
+                        for (int64_t d = 0; d < D; d++) kc->kt[d * C + j] = kr[d];
+                        copy_row(kc->v + j * Dv, vb + p * Dv, Dv);
+                    }
+                    kc->id = c;
+                }
+                vs[s] = kc->v;
+                for (int64_t i = 0; i < C; i += 4) /* the scores against this chunk */
+                    mm_rows4(1, (int)D, qs + i * D, (int)D, &kc->kt, (int)C, C / VW,
+                             sc + i * W + s * C, (int)W);
+                if (masks) {
+                    const vf ninf = vsplat(-INFINITY), pen = vsplat(penalty), zero = vsplat(0.0f);
+                    for (int64_t i = 0; i < C; i++) {
+                        vi qpi = (vi){0} + qp[i];
+                        float *row = sc + i * W + s * C;
+                        for (int64_t j = 0; j < C; j += VW) {
+                            vf x = vload(row + j);
+                            vi kp = viload(kc->pos + j);
+                            if (exclude_self) x -= vselect(kp == qpi, pen, zero);
+                            vi drop = ~viload(kc->valid + j);
+                            if (causal) drop |= kp > qpi;
+                            vstore(row + j, vselect(drop, ninf, x));
+                        }
+                    }
+                }
+            }
+            /* base-2 softmax weights (in place), row maxima and sums */
+            for (int64_t i = 0; i < C; i++) {
+                float *row = sc + i * W;
+                vf mx = vload(row);
+                for (int64_t j = VW; j < W; j += VW) {
+                    vf x = vload(row + j);
+                    mx = vselect(x > mx, x, mx);
+                }
+                float m = hmax(mx);
+                mrow[i] = m;
+                if (m == -INFINITY) { /* every key masked: zero weights */
+                    memset(row, 0, sizeof(float) * W);
+                    trow[i] = 0.0f;
+                    continue;
+                }
+                vf tot = vsplat(0.0f), mv = vsplat(m);
+                for (int64_t j = 0; j < W; j += VW) {
+                    vf w = vexp2(vload(row + j) - mv);
+                    vstore(row + j, w);
+                    tot += w;
+                }
+                trow[i] = hsum(tot);
+            }
+            if (merge)
+                for (int64_t i = 0; i < C; i++) la[i] = lbh[qp[i]];
+            row_stats(C, mrow, trow, la, keep, scl, merge);
+            for (int64_t i = 0; i < C; i++) lbh[qp[i]] = la[i];
+            /* weights times values, normalized (or merged) into the tokens' rows */
+            for (int64_t i = 0; i < C; i += 4) {
+                mm_rows4((int)S, (int)C, sc + i * W, (int)W, vs, (int)Dv, Dv / VW, o, (int)Dv);
+                for (int64_t r = 0; r < 4; r++)
+                    put_row(ob + (int64_t)qp[i + r] * Dv, o + r * Dv, keep[i + r], scl[i + r], Dv, merge);
+            }
+        }
+        for (int64_t s = 0; s < S; s++) {
+            free(ring[s].kt);
+            free(ring[s].v);
+            free(ring[s].pos);
+            free(ring[s].valid);
+        }
+        free(qs);
+        free(sc);
+        free(o);
+        free(qp);
+        free(mrow);
+        free(trow);
+        free(la);
+        free(keep);
+        free(scl);
+    }
+}
+
+void effattn_lsh_chunks_f32(const float *q, const float *k, const float *v, const int64_t *q_pos,
+                            const int64_t *k_pos, const uint8_t *k_valid, int64_t BH, int64_t n,
+                            int64_t R, int64_t C, int64_t before, int64_t after, int64_t D,
+                            int64_t Dv, float qscale, int exclude_self, float penalty, int causal,
+                            int64_t first, int64_t count, float *out, float *lse, int merge,
+                            int nthreads) {
+    const int64_t items = BH * count;
+#pragma omp parallel num_threads(nthreads) if (items > 1)
+    {
+        int nt = 1, tid = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int64_t lo = items * tid / nt, hi = items * (tid + 1) / nt;
+        if (C == 64 && D == 64 && Dv == 64) /* the default shape, unrolled */
+            chunk_range(q, k, v, q_pos, k_pos, k_valid, n, R, 64, before, after, 64, 64, qscale,
+                        exclude_self, penalty, causal, first, count, out, lse, merge, lo, hi);
+        else
+            chunk_range(q, k, v, q_pos, k_pos, k_valid, n, R, C, before, after, D, Dv, qscale,
+                        exclude_self, penalty, causal, first, count, out, lse, merge, lo, hi);
+    }
+}
+
+/* The lane count C, D and Dv must be multiples of. */
+int effattn_lsh_vector_width(void) { return VW; }
