@@ -218,6 +218,7 @@ static inline __attribute__((always_inline)) void chunk_range(
         float *mrow = aligned_alloc(64, sizeof(float) * C), *trow = aligned_alloc(64, sizeof(float) * C);
         float *la = aligned_alloc(64, sizeof(float) * C), *keep = aligned_alloc(64, sizeof(float) * C);
         float *scl = aligned_alloc(64, sizeof(float) * C);
+        int32_t *wpos = aligned_alloc(64, sizeof(int32_t) * W), *wvalid = aligned_alloc(64, sizeof(int32_t) * W);
         KeyChunk ring[S];
         float *vs[S];
         for (int64_t s = 0; s < S; s++) {
@@ -275,28 +276,27 @@ static inline __attribute__((always_inline)) void chunk_range(
                 for (int64_t i = 0; i < C; i += 4) /* the scores against this chunk */
                     mm_rows4(1, (int)D, qs + i * D, (int)D, &kc->kt, (int)C, C / VW,
                              sc + i * W + s * C, (int)W);
-                if (masks) {
-                    const vf ninf = vsplat(-INFINITY), pen = vsplat(penalty), zero = vsplat(0.0f);
-                    for (int64_t i = 0; i < C; i++) {
-                        vi qpi = (vi){0} + qp[i];
-                        float *row = sc + i * W + s * C;
-                        for (int64_t j = 0; j < C; j += VW) {
-                            vf x = vload(row + j);
-                            vi kp = viload(kc->pos + j);
-                            if (exclude_self) x -= vselect(kp == qpi, pen, zero);
-                            vi drop = ~viload(kc->valid + j);
-                            if (causal) drop |= kp > qpi;
-                            vstore(row + j, vselect(drop, ninf, x));
-                        }
-                    }
+                if (masks) { /* the window's key positions and validity, for the masks */
+                    memcpy(wpos + s * C, kc->pos, sizeof(int32_t) * C);
+                    memcpy(wvalid + s * C, kc->valid, sizeof(int32_t) * C);
                 }
             }
             /* base-2 softmax weights (in place), row maxima and sums */
+            const vf ninf = vsplat(-INFINITY), pen = vsplat(penalty), zero = vsplat(0.0f);
             for (int64_t i = 0; i < C; i++) {
                 float *row = sc + i * W;
-                vf mx = vload(row);
-                for (int64_t j = VW; j < W; j += VW) {
+                vf mx = ninf;
+                const vi qpi = (vi){0} + qp[i];
+                for (int64_t j = 0; j < W; j += VW) {
                     vf x = vload(row + j);
+                    if (masks) { /* the self penalty, then -inf at masked keys */
+                        vi kp = viload(wpos + j);
+                        if (exclude_self) x -= vselect(kp == qpi, pen, zero);
+                        vi drop = ~viload(wvalid + j);
+                        if (causal) drop |= kp > qpi;
+                        x = vselect(drop, ninf, x);
+                        vstore(row + j, x);
+                    }
                     mx = vselect(x > mx, x, mx);
                 }
                 float m = hmax(mx);
@@ -340,6 +340,8 @@ static inline __attribute__((always_inline)) void chunk_range(
         free(la);
         free(keep);
         free(scl);
+        free(wpos);
+        free(wvalid);
     }
 }
 
