@@ -142,18 +142,20 @@ def test_native_hash_buckets_write_their_columns_with_round_offsets(BH, n, R, h,
 
 def _lsh_both_ways(monkeypatch, q, k, v, *, shared, grad, **opts):
     """``lsh`` results ``[out, lse]`` (with ``grad``, then the gradients of q, v and, unless
-    ``shared``, k) through the fused native chunk kernel and through the torch groups, and
-    whether each kernel call served."""
+    ``shared``, k) through the fused native chunk kernels and through the torch groups, and
+    whether each kernel call (forward and backward) served."""
     import effattn
 
     calls = []
-    real = native.lsh_chunks
 
-    def counted(*a, **kw):
-        calls.append(real(*a, **kw))
-        return calls[-1]
+    def counted(real):
+        def call(*a, **kw):
+            calls.append(real(*a, **kw))
+            return calls[-1]
+        return call
 
-    monkeypatch.setattr(native, "lsh_chunks", counted)
+    monkeypatch.setattr(native, "lsh_chunks", counted(native.lsh_chunks))
+    monkeypatch.setattr(native, "lsh_chunks_backward", counted(native.lsh_chunks_backward))
     results = []
     for use in (True, False):
         monkeypatch.setattr(lsh, "USE_NATIVE_CHUNKS", use)
@@ -164,7 +166,9 @@ def _lsh_both_ways(monkeypatch, q, k, v, *, shared, grad, **opts):
         res = [out.detach(), lse.detach()]
         if grad:
             g = torch.Generator().manual_seed(5)
-            (out * torch.randn(out.shape, generator=g)).sum().backward()
+            fin = torch.isfinite(lse)  # the lse's gradient enters through delta
+            loss = (out * torch.randn(out.shape, generator=g)).sum()
+            (loss + (lse[fin] * torch.randn(int(fin.sum()), generator=g)).sum()).backward()
             res += [x.grad for x in (xs[::2] if shared else xs)]
         results.append(res)
     return results, calls
@@ -180,10 +184,11 @@ def _lsh_both_ways(monkeypatch, q, k, v, *, shared, grad, **opts):
 ])
 def test_native_lsh_chunks_equal_the_torch_groups(monkeypatch, shared, causal, padded, before,
                                                   after, n_hashes, C, D):
-    """The fused chunk kernel (forward: scores, shared-QK self penalty, causal and padding
-    masks, base-2 softmax, round merge) gives the torch groups' output and lse, forward and
-    under training (the backward recomputes from the kernel's merged lse); padding leaves
-    fully masked rows (zeros, -inf)."""
+    """The fused chunk kernels give the torch groups' results: the forward (scores,
+    shared-QK self penalty, causal and padding masks, base-2 softmax, round merge) their
+    output and lse; the backward (recomputed from the merged lse, key and value gradients
+    gathered per key chunk across the window's query chunks and the rounds' wrap) their
+    gradients of q, k, v.  Padding leaves fully masked rows (zeros, -inf)."""
     if not native.available():
         pytest.skip(native.status())
     g = torch.Generator().manual_seed(1)
@@ -198,7 +203,8 @@ def test_native_lsh_chunks_equal_the_torch_groups(monkeypatch, shared, causal, p
                 n_chunks_before=before, n_chunks_after=after, seed=3)
     for grad in (False, True):
         (fused, ref), calls = _lsh_both_ways(monkeypatch, q, k, v, shared=shared, grad=grad, **opts)
-        assert calls and all(calls), "the kernel must serve these shapes"
+        # forward: one call per round; training adds the backward's one call
+        assert calls == [True] * (n_hashes + grad), "the kernels must serve these shapes"
         assert torch.equal(torch.isneginf(fused[1]), torch.isneginf(ref[1]))
         fin = torch.isfinite(ref[1])
         torch.testing.assert_close(fused[1][fin], ref[1][fin], rtol=0, atol=5e-6)
@@ -231,6 +237,39 @@ def test_native_lsh_chunks_decline_what_they_do_not_take():
     assert call(x.bfloat16(), x.bfloat16(), x.bfloat16()) == (False, True)
     assert call(x, x, x, chunk_len=vw + 4) == (False, True)
     assert call(x, x, x, before=2 * N // C, rounds=2) == (False, True)  # window > chunks
+    w = x.clone().requires_grad_(True)
+    assert call(w, x, x) == (False, True)
+    with torch.no_grad():
+        assert call(w, x, x)[0]
+
+
+def test_native_lsh_chunks_backward_declines_what_it_does_not_take(monkeypatch):
+    """Fewer (batch, head)s than threads (one thread owns each), other dtypes, shapes off
+    the vector width, tensors wanting gradients: declined with nothing written."""
+    if not native.available():
+        pytest.skip(native.status())
+    vw = native._library().effattn_lsh_vector_width()
+    N, C = 64, 16
+
+    def call(q, k, v, BH=2, threads=2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        pos = torch.arange(N).repeat(2).view(1, 1, -1)
+        q, k, v = (x.expand(1, BH, N, x.shape[-1]).contiguous() for x in (q, k, v))
+        stats = [torch.zeros(1, BH, N, dtype=q.dtype) for _ in range(2)]
+        grads = [torch.full(t.shape, 7.0, dtype=t.dtype) for t in (q, k, v)]
+        served = native.lsh_chunks_backward(
+            q, k, v, pos, pos, None, *stats, torch.ones_like(v), chunk_len=C, before=1, after=0,
+            qscale=1.0, scale=1.0, exclude_self=True, penalty=1e5, causal=False,
+            dq=grads[0], dk=grads[1], dv=grads[2])
+        return served, all(bool((t == 7.0).all()) for t in grads)
+
+    x = torch.randn(1, 1, N, 32)
+    assert call(x, x, x) == (True, False)
+    assert call(x, x, x, BH=1) == (False, True)
+    assert call(x, x, x, BH=1, threads=1)[0]
+    odd = torch.randn(1, 1, N, vw + 4)
+    assert call(odd, odd, odd) == (False, True)
+    assert call(x.double(), x.double(), x.double()) == (False, True)
     w = x.clone().requires_grad_(True)
     assert call(w, x, x) == (False, True)
     with torch.no_grad():

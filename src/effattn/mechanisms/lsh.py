@@ -727,7 +727,22 @@ def _native_rounds(g: _Sorted, q, k, v, out: torch.Tensor, lse: torch.Tensor) ->
     return True
 
 
-#: run the sorted chunks' forward through the native kernel where it serves
+def _native_backward(g: _Sorted, q, k, v, lse_s, delta, dout, dq, dk, dv) -> bool:
+    """Every round's sorted chunks backward through the fused native kernel
+    (:func:`effattn.native.lsh_chunks_backward`: :func:`_group_backward`'s recomputed
+    scores, masks and tile gradients without gathered copies, added to the tokens' rows of
+    the zero ``dq, dk, dv``); False where it does not serve (then nothing is written)."""
+    if not (USE_NATIVE_CHUNKS and g.banded):
+        return False
+    lse2 = (lse_s * LOG2_E).contiguous()
+    return native.lsh_chunks_backward(
+        q, k, v, g.q_pos, g.k_pos, g.k_valid, lse2, delta.contiguous(), dout, chunk_len=g.chunk_len,
+        before=g.n_chunks_before, after=g.n_chunks_after, qscale=g.scale * LOG2_E, scale=g.scale,
+        exclude_self=g.exclude_self, penalty=SELF_PENALTY * LOG2_E, causal=g.causal,
+        dq=dq, dk=dk, dv=dv)
+
+
+#: run the sorted chunks' forward and backward through the native kernels where they serve
 USE_NATIVE_CHUNKS = True
 
 
@@ -783,9 +798,10 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
 
 
 def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
-    """Gradients of :func:`_stream_forward`'s merged ``(out, lse)``: each group's share
-    (:func:`_group_backward`) with the merged statistics, scattered back to token order.  Recomputes every sorted copy; nothing of the forward is kept but
-    ``q, k, v, out, lse``."""
+    """Gradients of :func:`_stream_forward`'s merged ``(out, lse)``: through the fused
+    native kernel where it serves (:func:`_native_backward`), else each group's share
+    (:func:`_group_backward`) with the merged statistics, scattered back to token order.
+    Recomputes every sorted copy; nothing of the forward is kept but ``q, k, v, out, lse``."""
     B, H, n, D = q.shape
     Dv = v.shape[-1]
     dout = dout.contiguous()
@@ -795,6 +811,8 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     dq, dk_f, dv_f = dq_f[:-1].view(B, H, n, D), dk.view(-1, D), dv.view(-1, Dv)
     lse_s = safe_lse(lse.to(cdt))
     delta = output_delta(dout, out, dlse)
+    if _native_backward(g, q, k, v, lse_s, delta, dout, dq, dk, dv):
+        return dq, dk, dv
     ws = kept_workspace("lsh", q.device)
     for _, first, count in g.groups():
         qrows, gq, krows, gk, gv = _group_backward(g, q, k, v, out, lse_s, delta, dout, dlse,

@@ -10,6 +10,10 @@ fused loop (``lsh_chunks.c``): rows read through the sorted positions instead of
 copies, scores, masks, softmax and the product with the values in a thread's cache, each
 row merged into its token's result (B=1, H=4, D=64, 4 rounds, N = 16,384: the sorted
 attention with its round merges took ~80 ms, the kernel ~68 of it, against ~117 for the
+torch groups; ~55 ms since its matmul blocks broadcast from memory, ``vec.h``).
+:func:`lsh_chunks_backward` is its backward (``lsh_chunks_backward.c``): scores and
+weights recomputed from the merged lse, the five tile products in a thread's cache, key
+and value gradients gathered per key chunk (the same shape: 109 ms, against ~250 for the
 torch groups).  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
 
@@ -41,10 +45,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_chunks"]
+__all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_chunks", "lsh_chunks_backward"]
 
-#: the kernels' sources, compiled together into one library
+#: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 # unrolled reductions with several accumulators: 0.75x the time per 4 MB slice of 512-wide
 # rows; gnu11 for the vector extensions of lsh_chunks.c
 _FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fvariable-expansion-in-unroller", "-shared",
@@ -94,7 +99,7 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The compiled library's path (compiled now unless a build with the same digest is
     there); raises ``RuntimeError`` with the compiler's message when it cannot build."""
-    source = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in _SOURCES)
+    source = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in _SOURCES + _HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     for extra in (_OPENMP, []):  # without OpenMP the kernels run on one thread
@@ -151,6 +156,10 @@ def _library():
     fn = lib.effattn_lsh_chunks_f32
     fn.argtypes = ([ptr] * 6 + [i64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int]
                    + [i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int])
+    fn.restype = None
+    fn = lib.effattn_lsh_chunks_backward_f32
+    fn.argtypes = ([ptr] * 9 + [i64] * 8 + [ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                            ctypes.c_int] + [ptr] * 3 + [ctypes.c_int])
     fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
@@ -257,4 +266,50 @@ def lsh_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
         None if kv is None else kv.data_ptr(), B * H, n, L // n, chunk_len, before, after, D, Dv,
         qscale, int(exclude_self), penalty, int(causal), first, count, out.data_ptr(),
         lse.data_ptr(), int(merge), torch.get_num_threads())
+    return True
+
+
+def lsh_chunks_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                        k_pos: torch.Tensor, k_valid: Optional[torch.Tensor], lse2: torch.Tensor,
+                        delta: torch.Tensor, dout: torch.Tensor, *, chunk_len: int, before: int,
+                        after: int, qscale: float, scale: float, exclude_self: bool,
+                        penalty: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
+                        dv: torch.Tensor) -> bool:
+    """The gradients of :func:`lsh_chunks` over every round's sorted chunks, fused
+    (``lsh_chunks_backward.c``; :func:`effattn.mechanisms.lsh._group_backward` is its torch
+    twin), added to ``dq, dk [B, H, n, D]`` and ``dv [B, H, n, Dv]`` (float32, contiguous).
+
+    ``q, k, v, q_pos, k_pos, k_valid, chunk_len, before, after, qscale, exclude_self,
+    penalty, causal`` as :func:`lsh_chunks` takes them (here for all ``R`` rounds at once);
+    ``lse2 [B, H, n]``: the merged log-sum-exp in base-2 units (0 where a row has no key);
+    ``delta [B, H, n]``: ``rowsum(dout * out)`` minus the lse's gradient; ``dout [B, H, n,
+    Dv]``; ``scale``: the softmax scale.  Each (batch, head) runs on one thread, so it
+    declines (returns False, nothing written) with fewer (batch, head)s than torch's
+    threads, as well as where :func:`lsh_chunks` declines."""
+    lib = _library()
+    if lib is None:
+        return False
+    B, H, n, D = q.shape
+    Dv = v.shape[-1]
+    L = q_pos.shape[-1]
+    vw = lib.effattn_lsh_vector_width()
+    threads = torch.get_num_threads()
+    if (any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+            for t in (q, k, v, lse2, delta, dout, dq, dk, dv))
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, dout)))
+            or tuple(k.shape) != (B, H, n, D) or tuple(v.shape[:3]) != (B, H, n)
+            or tuple(dout.shape) != (B, H, n, Dv) or tuple(lse2.shape) != (B, H, n)
+            or tuple(delta.shape) != (B, H, n) or dq.shape != q.shape or dk.shape != k.shape
+            or dv.shape != v.shape or B * H < threads
+            or chunk_len % vw or D % vw or Dv % vw or L % n or L % chunk_len
+            or L // chunk_len < 1 + before + after or n >= 2 ** 31):
+        return False
+    qp = q_pos.expand(B, H, L).contiguous()
+    kp = qp if k_pos is q_pos else k_pos.expand(B, H, L).contiguous()
+    kv = None if k_valid is None else k_valid.expand(B, H, n).contiguous()
+    lib.effattn_lsh_chunks_backward_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), qp.data_ptr(), kp.data_ptr(),
+        None if kv is None else kv.data_ptr(), lse2.data_ptr(), delta.data_ptr(), dout.data_ptr(),
+        B * H, n, L // n, chunk_len, before, after, D, Dv, qscale, scale, int(exclude_self),
+        penalty, int(causal), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), threads)
     return True

@@ -10,117 +10,10 @@
  * masks, the base-2 softmax and the product with the values stay in that thread's cache.
  * The float32 register blocks are 4 rows x up to 4 vectors (VW lanes: 16 with AVX-512,
  * else 8; the compiler splits them where the machine's vectors are narrower). */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "vec.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-static inline vf vload(const float *p) { vf r; memcpy(&r, p, sizeof r); return r; }
-static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
-static inline vi viload(const int32_t *p) { vi r; memcpy(&r, p, sizeof r); return r; }
-static inline vf vsplat(float a) { return (vf){0} + a; }
-static inline vf vselect(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
-
-/* 2^x for x <= 0 (scores minus their row maximum; -inf gives 0): x = n + f with n the
- * integer part (toward zero, so f in (-1, 0]), 2^f = 2^-0.5 * 2^(f + 0.5) by a degree-6
- * Taylor polynomial on |f + 0.5| <= 0.5 (relative error ~1e-7), 2^n built in the
- * exponent bits; x <= -127 gives exactly 0. */
-static inline vf vexp2(vf x) {
-    const vf lo = vsplat(-127.0f);
-    vf xc = vselect(x < lo, lo, x);
-    vi n = __builtin_convertvector(xc, vi);
-    vf t = (xc - __builtin_convertvector(n, vf) + 0.5f) * 0.69314718055994531f;
-    vf p = vsplat(1.0f / 720.0f);
-    p = p * t + 1.0f / 120.0f;
-    p = p * t + 1.0f / 24.0f;
-    p = p * t + 1.0f / 6.0f;
-    p = p * t + 0.5f;
-    p = p * t + 1.0f;
-    p = p * t + 1.0f;
-    vf two_n = (vf)((n + 127) << 23);
-    return p * two_n * 0.70710678118654752f;
-}
-
-/* log2 x for finite x > 0 (normal): the exponent bits plus log2 of the mantissa scaled
- * into [sqrt(1/2), sqrt(2)), by 2 atanh(z), z = (m - 1) / (m + 1), |z| < 0.172, to z^9
- * (relative error ~1e-9 before rounding). */
-static inline vf vlog2(vf x) {
-    vi bits = (vi)x;
-    vi e = ((bits >> 23) & 0xff) - 127;
-    vf m = (vf)((bits & 0x7fffff) | 0x3f800000);
-    vi big = m > 1.41421356237f;
-    m = vselect(big, m * 0.5f, m);
-    e -= big; /* big is -1 where true */
-    vf z = (m - 1.0f) / (m + 1.0f), z2 = z * z;
-    vf p = z2 * (1.0f / 9.0f) + 1.0f / 7.0f;
-    p = p * z2 + 1.0f / 5.0f;
-    p = p * z2 + 1.0f / 3.0f;
-    p = p * z2 + 1.0f;
-    return __builtin_convertvector(e, vf) + z * p * 2.88539008177792681f; /* 2 log2 e */
-}
-
-static inline float hmax(vf x) {
-    float m = x[0];
-    for (int i = 1; i < VW; i++) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-static inline float hsum(vf x) {
-    float h[VW];
-    memcpy(h, &x, sizeof h);
-    for (int w = VW / 2; w > 0; w /= 2)
-        for (int i = 0; i < w; i++) h[i] += h[i + w];
-    return h[0];
-}
-
-/* O[r][v*VW + l] = sum_s sum_j P[r][s*C + j] * Vs[s][j][col + v*VW + l] for 4 rows and NV
- * vectors: the weights times the values (S window chunks of C keys each), and with S = 1
- * the scores (P = Q [C][D], Vs[0] = the transposed keys Kt [D][C]). */
-#define MM_BLOCK(NAME, NV)                                                              \
-    static inline void NAME(int S, int C, const float *P, int ldp, float *const *Vs,    \
-                            int ldv, int col, float *O, int ldo) {                      \
-        vf acc[4][NV];                                                                  \
-        for (int r = 0; r < 4; r++)                                                     \
-            for (int v = 0; v < NV; v++) acc[r][v] = vsplat(0.0f);                      \
-        for (int s = 0; s < S; s++) {                                                   \
-            const float *V = Vs[s] + col, *Ps = P + s * C;                              \
-            for (int j = 0; j < C; j++) {                                               \
-                vf b[NV];                                                               \
-                for (int v = 0; v < NV; v++) b[v] = vload(V + (int64_t)j * ldv + v * VW); \
-                for (int r = 0; r < 4; r++) {                                           \
-                    vf a = vsplat(Ps[r * ldp + j]);                                     \
-                    for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];                 \
-                }                                                                       \
-            }                                                                           \
-        }                                                                               \
-        for (int r = 0; r < 4; r++)                                                     \
-            for (int v = 0; v < NV; v++) vstore(O + r * ldo + v * VW, acc[r][v]);       \
-    }
-
-MM_BLOCK(mm_4x4, 4)
-MM_BLOCK(mm_4x2, 2)
-MM_BLOCK(mm_4x1, 1)
-
-/* MM_BLOCK over all nv vectors of the output rows: blocks of 4, then 2, then 1. */
-static inline void mm_rows4(int S, int C, const float *P, int ldp, float *const *Vs, int ldv,
-                            int64_t nv, float *O, int ldo) {
-    int64_t v0 = 0;
-    for (; nv - v0 >= 4; v0 += 4) mm_4x4(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
-    for (; nv - v0 >= 2; v0 += 2) mm_4x2(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
-    for (; v0 < nv; v0++) mm_4x1(S, C, P, ldp, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo);
-}
 
 /* One key chunk in a thread's ring: transposed keys Kt [D][C], values [C][Dv], positions
  * and validity of its rows; `id` the (unwrapped) chunk index it holds. */
@@ -130,14 +23,6 @@ typedef struct {
     int32_t *pos;
     int32_t *valid; /* -1 valid, 0 not (a lane mask) */
 } KeyChunk;
-
-static inline void copy_row(float *dst, const float *src, int64_t len) {
-    for (int64_t d = 0; d < len; d += VW) vstore(dst + d, vload(src + d));
-}
-
-static inline void prefetch_row(const float *row, int64_t len) {
-    for (int64_t d = 0; d < len; d += 16) __builtin_prefetch(row + d);
-}
 
 /* Row stats of a chunk's C rows (C a multiple of VW): from the base-2 row maxima m and
  * weight sums t, the natural log-sum-exp l (-inf where m is: no key) and the factors the
@@ -274,15 +159,15 @@ static inline __attribute__((always_inline)) void chunk_range(
                 }
                 vs[s] = kc->v;
                 for (int64_t i = 0; i < C; i += 4) /* the scores against this chunk */
-                    mm_rows4(1, (int)D, qs + i * D, (int)D, &kc->kt, (int)C, C / VW,
-                             sc + i * W + s * C, (int)W);
+                    mm_rows4(1, (int)D, qs + i * D, (int)D, 1, &kc->kt, (int)C, C / VW,
+                             sc + i * W + s * C, (int)W, 0);
                 if (masks) { /* the window's key positions and validity, for the masks */
                     memcpy(wpos + s * C, kc->pos, sizeof(int32_t) * C);
                     memcpy(wvalid + s * C, kc->valid, sizeof(int32_t) * C);
                 }
             }
             /* base-2 softmax weights (in place), row maxima and sums */
-            const vf ninf = vsplat(-INFINITY), pen = vsplat(penalty), zero = vsplat(0.0f);
+            const vf ninf = vsplat(-INFINITY), pen = vsplat(penalty);
             for (int64_t i = 0; i < C; i++) {
                 float *row = sc + i * W;
                 vf mx = ninf;
@@ -290,11 +175,8 @@ static inline __attribute__((always_inline)) void chunk_range(
                 for (int64_t j = 0; j < W; j += VW) {
                     vf x = vload(row + j);
                     if (masks) { /* the self penalty, then -inf at masked keys */
-                        vi kp = viload(wpos + j);
-                        if (exclude_self) x -= vselect(kp == qpi, pen, zero);
-                        vi drop = ~viload(wvalid + j);
-                        if (causal) drop |= kp > qpi;
-                        x = vselect(drop, ninf, x);
+                        x = mask_scores(x, viload(wpos + j), viload(wvalid + j), qpi,
+                                        exclude_self, pen, causal);
                         vstore(row + j, x);
                     }
                     mx = vselect(x > mx, x, mx);
@@ -320,7 +202,7 @@ static inline __attribute__((always_inline)) void chunk_range(
             for (int64_t i = 0; i < C; i++) lbh[qp[i]] = la[i];
             /* weights times values, normalized (or merged) into the tokens' rows */
             for (int64_t i = 0; i < C; i += 4) {
-                mm_rows4((int)S, (int)C, sc + i * W, (int)W, vs, (int)Dv, Dv / VW, o, (int)Dv);
+                mm_rows4((int)S, (int)C, sc + i * W, (int)W, 1, vs, (int)Dv, Dv / VW, o, (int)Dv, 0);
                 for (int64_t r = 0; r < 4; r++)
                     put_row(ob + (int64_t)qp[i + r] * Dv, o + r * Dv, keep[i + r], scl[i + r], Dv, merge);
             }

@@ -1,0 +1,155 @@
+/* effattn native kernels: shared float32 vector helpers (GCC vector extensions) of the
+ * LSH chunk kernels (lsh_chunks.c forward, lsh_chunks_backward.c backward).  Everything
+ * here is static inline: each kernel file compiles its own copy into its loops. */
+#ifndef EFFATTN_VEC_H
+#define EFFATTN_VEC_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vload(const float *p) { vf r; memcpy(&r, p, sizeof r); return r; }
+static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
+static inline vi viload(const int32_t *p) { vi r; memcpy(&r, p, sizeof r); return r; }
+static inline vf vsplat(float a) { return (vf){0} + a; }
+
+/* *p in every lane.  On x86 with AVX, one broadcast straight from memory (a load-port
+ * instruction): GCC otherwise loads the scalar and broadcasts it from a register, on the
+ * port the FMAs need; the matmul blocks below then ran at 117 instead of 176 GFLOP/s on
+ * one core of the 2-core Xeon the performance figures come from. */
+static inline __attribute__((always_inline)) vf vbcast(const float *p) {
+#if defined(__x86_64__) && defined(__AVX__)
+    vf r;
+    __asm__("vbroadcastss %1, %0" : "=v"(r) : "m"(*p));
+    return r;
+#else
+    return vsplat(*p);
+#endif
+}
+static inline vf vselect(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* 2^x for x <= 0 (scores minus their row maximum; -inf gives 0): x = n + f with n the
+ * integer part (toward zero, so f in (-1, 0]), 2^f = 2^-0.5 * 2^(f + 0.5) by a degree-6
+ * Taylor polynomial on |f + 0.5| <= 0.5 (relative error ~1e-7), 2^n built in the
+ * exponent bits; x <= -127 gives exactly 0. */
+static inline vf vexp2(vf x) {
+    const vf lo = vsplat(-127.0f);
+    vf xc = vselect(x < lo, lo, x);
+    vi n = __builtin_convertvector(xc, vi);
+    vf t = (xc - __builtin_convertvector(n, vf) + 0.5f) * 0.69314718055994531f;
+    vf p = vsplat(1.0f / 720.0f);
+    p = p * t + 1.0f / 120.0f;
+    p = p * t + 1.0f / 24.0f;
+    p = p * t + 1.0f / 6.0f;
+    p = p * t + 0.5f;
+    p = p * t + 1.0f;
+    p = p * t + 1.0f;
+    vf two_n = (vf)((n + 127) << 23);
+    return p * two_n * 0.70710678118654752f;
+}
+
+/* log2 x for finite x > 0 (normal): the exponent bits plus log2 of the mantissa scaled
+ * into [sqrt(1/2), sqrt(2)), by 2 atanh(z), z = (m - 1) / (m + 1), |z| < 0.172, to z^9
+ * (relative error ~1e-9 before rounding). */
+static inline vf vlog2(vf x) {
+    vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 127;
+    vf m = (vf)((bits & 0x7fffff) | 0x3f800000);
+    vi big = m > 1.41421356237f;
+    m = vselect(big, m * 0.5f, m);
+    e -= big; /* big is -1 where true */
+    vf z = (m - 1.0f) / (m + 1.0f), z2 = z * z;
+    vf p = z2 * (1.0f / 9.0f) + 1.0f / 7.0f;
+    p = p * z2 + 1.0f / 5.0f;
+    p = p * z2 + 1.0f / 3.0f;
+    p = p * z2 + 1.0f;
+    return __builtin_convertvector(e, vf) + z * p * 2.88539008177792681f; /* 2 log2 e */
+}
+
+static inline float hmax(vf x) {
+    float m = x[0];
+    for (int i = 1; i < VW; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static inline float hsum(vf x) {
+    float h[VW];
+    memcpy(h, &x, sizeof h);
+    for (int w = VW / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) h[i] += h[i + w];
+    return h[0];
+}
+
+/* O[r][v*VW + l] (+)= sum_s sum_j P[r][s*C + j] * Vs[s][j][col + v*VW + l] for 4 rows and
+ * NV vectors, P[r][j] read at P[r * ldp + j * ldj] (ldj = 1: rows of weights; ldp = 1,
+ * ldj = row length: the weights transposed), the output added to (add) or written: the
+ * weights times the values (S window chunks of C keys each); with S = 1 the scores
+ * (P = Q [C][D], Vs[0] = the transposed keys Kt [D][C]); transposed, the key gradients. */
+#define MM_BLOCK(NAME, NV)                                                              \
+    static inline __attribute__((always_inline)) void NAME(int S, int C, const float *P, int ldp, int ldj,              \
+                            float *const *Vs, int ldv, int col, float *O, int ldo, int add) { \
+        vf acc[4][NV];                                                                  \
+        for (int r = 0; r < 4; r++)                                                     \
+            for (int v = 0; v < NV; v++)                                                \
+                acc[r][v] = add ? vload(O + r * ldo + v * VW) : vsplat(0.0f);           \
+        for (int s = 0; s < S; s++) {                                                   \
+            const float *V = Vs[s] + col, *Ps = P + (int64_t)s * C * ldj;               \
+            for (int j = 0; j < C; j++) {                                               \
+                vf b[NV];                                                               \
+                for (int v = 0; v < NV; v++) b[v] = vload(V + (int64_t)j * ldv + v * VW); \
+                for (int r = 0; r < 4; r++) {                                           \
+                    vf a = vbcast(Ps + r * ldp + (int64_t)j * ldj);                      \
+                    for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];                 \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (int r = 0; r < 4; r++)                                                     \
+            for (int v = 0; v < NV; v++) vstore(O + r * ldo + v * VW, acc[r][v]);       \
+    }
+
+MM_BLOCK(mm_4x4, 4)
+MM_BLOCK(mm_4x2, 2)
+MM_BLOCK(mm_4x1, 1)
+
+/* MM_BLOCK over all nv vectors of the output rows: blocks of 4, then 2, then 1. */
+static inline __attribute__((always_inline)) void mm_rows4(int S, int C, const float *P, int ldp, int ldj, float *const *Vs,
+                            int ldv, int64_t nv, float *O, int ldo, int add) {
+    int64_t v0 = 0;
+    for (; nv - v0 >= 4; v0 += 4)
+        mm_4x4(S, C, P, ldp, ldj, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo, add);
+    for (; nv - v0 >= 2; v0 += 2)
+        mm_4x2(S, C, P, ldp, ldj, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo, add);
+    for (; v0 < nv; v0++)
+        mm_4x1(S, C, P, ldp, ldj, Vs, ldv, (int)(v0 * VW), O + v0 * VW, ldo, add);
+}
+
+static inline void copy_row(float *dst, const float *src, int64_t len) {
+    for (int64_t d = 0; d < len; d += VW) vstore(dst + d, vload(src + d));
+}
+
+static inline void prefetch_row(const float *row, int64_t len) {
+    for (int64_t d = 0; d < len; d += 16) __builtin_prefetch(row + d);
+}
+
+/* VW base-2 scores x of one query row (original position qpi in every lane) against keys
+ * at positions kp, validity kvalid (-1 valid, 0 not): the self penalty subtracted where
+ * kp == qpi (exclude_self), then -inf where the key is invalid or (causal) after the
+ * query.  The one masking rule of both chunk kernels. */
+static inline vf mask_scores(vf x, vi kp, vi kvalid, vi qpi, int exclude_self, vf pen,
+                             int causal) {
+    if (exclude_self) x -= vselect(kp == qpi, pen, vsplat(0.0f));
+    vi drop = ~kvalid;
+    if (causal) drop |= kp > qpi;
+    return vselect(drop, vsplat(-INFINITY), x);
+}
+
+#endif
