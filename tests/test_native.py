@@ -77,12 +77,15 @@ def test_native_concat_argmax_keeps_nan_rows_in_range_and_declines_other_tensors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hash_buckets_are_the_same_with_and_without_the_native_argmax(monkeypatch, N, dtype):
     """Buckets from the native argmax (and the layout chosen with it) equal the torch
-    passes' buckets, padding bucket included."""
+    passes' buckets, padding bucket included; the fused hash (projections summed in its own
+    order) gives them too but for near-ties, and the same padding buckets."""
     g = torch.Generator().manual_seed(N)
     x = torch.randn(2, 3, N, 16, generator=g, dtype=dtype)
     valid = torch.rand(2, 1, N, generator=g) > 0.1
     for n_buckets in (8, 64, 128):
         rot = torch.randn(3, 16, 2, n_buckets // 2, generator=g, dtype=dtype)
+        fused = lsh.hash_vectors(x, rot, n_buckets, valid)
+        monkeypatch.setattr(lsh, "FUSED_HASH", False)
         with_native = lsh.hash_vectors(x, rot, n_buckets, valid)
         monkeypatch.setattr(native, "hash_buckets", lambda *a: False)  # slices declined
         declined = lsh.hash_vectors(x, rot, n_buckets, valid)
@@ -91,11 +94,59 @@ def test_hash_buckets_are_the_same_with_and_without_the_native_argmax(monkeypatc
         without = lsh.hash_vectors(x, rot, n_buckets, valid)
         monkeypatch.undo()
         assert torch.equal(with_native, without) and torch.equal(declined, without)
+        padding = ((fused % (n_buckets + 1)) == n_buckets) | ((without % (n_buckets + 1)) == n_buckets)
+        assert torch.equal(fused[padding], without[padding])
+        assert (fused == without).float().mean() > 0.999
         ref = _reference(torch.einsum("bhnd,hdrk->bhrnk", x, rot)) + \
             torch.arange(2).view(2, 1) * (n_buckets + 1)
         ref = torch.where(valid[:, :, None], ref, torch.full_like(ref, n_buckets) +
                           torch.arange(2).view(2, 1) * (n_buckets + 1))
         assert torch.equal(with_native, ref.flatten(-2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 150), D=st.sampled_from([8, 16, 33, 64]),
+       R=st.integers(1, 3), h=st.sampled_from([4, 8, 12, 16, 40, 64, 132]), per_head=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_native_lsh_hash_picks_the_maximum_of_the_projections(B, H, N, D, R, h, per_head, seed):
+    """The fused hash's bucket for each token and round is an entry of
+    ``concat[x R_r, -x R_r]`` (float64 projections) within float32 rounding of the maximum,
+    and exactly the first maximum wherever it leads the runner-up by more than that; round
+    offsets added; any N (block tails), D, and h a multiple of 4 (not of the vector width)."""
+    if not native.available():
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, N, D, generator=g)
+    rot = torch.randn(*((H,) if per_head else ()), D, R, h, generator=g)
+    per_round = 2 * h + 1
+    got = native.lsh_hash(x, rot, per_round)
+    assert got is not None and got.shape == (B, H, R, N)
+    eq = "bhnd,hdrk->bhrnk" if per_head else "bhnd,drk->bhrnk"
+    proj = torch.einsum(eq, x.double(), rot.double())
+    full = torch.cat([proj, -proj], -1)  # [B, H, R, N, 2h]
+    idx = got - torch.arange(R).view(R, 1) * per_round
+    assert bool(((idx >= 0) & (idx < 2 * h)).all())
+    chosen = full.gather(-1, idx[..., None]).squeeze(-1)
+    top2 = full.topk(2, -1).values
+    tol = 1e-5 * (1 + full.abs().amax(-1))
+    assert bool((top2[..., 0] - chosen <= tol).all())
+    clear = top2[..., 0] - top2[..., 1] > tol
+    assert torch.equal(idx[clear], full.argmax(-1)[clear])
+
+
+def test_native_lsh_hash_declines_what_it_does_not_take():
+    """Rounds of h not a multiple of 4, other dtypes, tensors wanting gradients, per-head
+    rotations that do not match the heads: None (the sliced torch path then runs)."""
+    if not native.available():
+        pytest.skip(native.status())
+    x = torch.randn(1, 2, 32, 16)
+    assert native.lsh_hash(x, torch.randn(16, 2, 8), 17) is not None
+    assert native.lsh_hash(x, torch.randn(16, 2, 6), 13) is None
+    assert native.lsh_hash(x.double(), torch.randn(16, 2, 8).double(), 17) is None
+    assert native.lsh_hash(x.requires_grad_(True), torch.randn(16, 2, 8), 17) is None
+    with torch.no_grad():
+        assert native.lsh_hash(x, torch.randn(16, 2, 8), 17) is not None
+    assert native.lsh_hash(x.detach(), torch.randn(3, 16, 2, 8), 17) is None
 
 
 def test_environment_switch_disables_the_kernels(monkeypatch, fresh_library):

@@ -212,6 +212,29 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
                          f"= {2 * rotations.shape[-1]}, got {n_buckets}")
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     rot = rotations.to(device=x.device, dtype=cdt)
+    per_round = n_buckets if valid is None else n_buckets + 1
+    buckets = None
+    if FUSED_HASH and cdt == torch.float32 and x.device.type == "cpu":
+        buckets = native.lsh_hash(x.detach().to(cdt).contiguous(), rot.contiguous(), per_round)
+    if buckets is None:
+        buckets = _sliced_buckets(x, rot, per_round, cdt)
+    if valid is not None:
+        R = rot.shape[-2]
+        offsets = torch.arange(R, device=x.device).view(R, 1) * per_round
+        buckets = torch.where(valid[..., None, :], buckets, n_buckets + offsets)
+    return buckets.flatten(-2)
+
+
+#: hash float32 CPU tokens with the fused native kernel (projections and argmax in one
+#: pass, :func:`effattn.native.lsh_hash`) where it serves: B=1, H=4, D=64, 4 rounds, the
+#: whole hash took 17.9 instead of 25.8 ms at N = 16,384 and 255 instead of 331 ms at 65,536
+FUSED_HASH = True
+
+
+def _sliced_buckets(x: torch.Tensor, rot: torch.Tensor, per_round: int, cdt) -> torch.Tensor:
+    """:func:`hash_vectors`' buckets ``[..., R, N]`` (round offsets added, padding not
+    applied) through torch's matmul in slices of :data:`HASH_SLICE_ELEMENTS`, each slice's
+    argmax by the native kernel (:func:`effattn.native.hash_buckets`) where it serves."""
     R, half = rot.shape[-2], rot.shape[-1]
     N = x.shape[-2]
     step = max(1, HASH_SLICE_ELEMENTS // max(1, math.prod(x.shape[:-2]) * R * half))
@@ -231,7 +254,6 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
     if tokens_last:  # [BH, R*half, D]: one bmm writes the slice's projections in place
         rot_m = rot_m.transpose(-1, -2).expand(*lead, R * half, rot.shape[-3]).reshape(BH, R * half, -1)
     x = x.detach().expand(*lead, N, x.shape[-1])  # buckets are not differentiable
-    per_round = n_buckets if valid is None else n_buckets + 1
     offsets = torch.arange(R, device=x.device).view(R, 1) * per_round
     # the native kernel writes each slice's buckets, round offsets added, straight into
     # their columns (no per-slice parts, transposes, concatenation or offset pass: 333-345
@@ -269,12 +291,8 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
                                        scratch=bufs[1] if full and len(bufs) > 1 else None
                                        ).transpose(-1, -2))
     if direct is not None:
-        buckets = direct.view(*lead, R, N)  # offsets already added
-    else:
-        buckets = torch.cat(parts, -1) + offsets
-    if valid is not None:
-        buckets = torch.where(valid[..., None, :], buckets, n_buckets + offsets)
-    return buckets.flatten(-2)
+        return direct.view(*lead, R, N)  # offsets already added
+    return torch.cat(parts, -1) + offsets
 
 
 def concat_argmax(x: torch.Tensor, dim: int = -1, scratch=None) -> torch.Tensor:
