@@ -80,23 +80,17 @@ static inline __attribute__((always_inline)) void grad_range(
         const float *dob = dout + bh * n * Dv, *lb = lse2 + bh * n, *deb = delta + bh * n;
         float *dqb = dq + bh * n * D, *dkb = dk + bh * n * D, *dvb = dv + bh * n * Dv;
         for (int64_t g = 0; g < T; g++) {
-            if (g + 1 < T) { /* the next chunk's rows, fetched while this one computes */
+            /* the next chunk's rows (and the gradient rows of the chunk that leaves the
+             * ring then) are fetched while this one computes, spread over the row loop
+             * below as in lsh_chunks.c */
+            const int64_t *pq_next = NULL, *pk_next = NULL;
+            const GradChunk *leaving = NULL;
+            if (g + 1 < T) {
                 const int64_t cn = (((g + 1 + after) % T) + T) % T;
-                for (int64_t i = 0; i < C; i++) {
-                    int64_t p = q_pos[bh * L + (g + 1) * C + i], pk = k_pos[bh * L + cn * C + i];
-                    prefetch_row(qb + p * D, D);
-                    prefetch_row(dob + p * Dv, Dv);
-                    prefetch_row(dqb + p * D, D);
-                    prefetch_row(kb + pk * D, D);
-                    prefetch_row(vb + pk * Dv, Dv);
-                }
-                /* and the gradient rows of the chunk that leaves the ring then */
-                const GradChunk *out = &ring[(((g + 1 + after) % S) + S) % S];
-                if (out->id != INT64_MIN && out->id != g + 1 + after)
-                    for (int64_t j = 0; j < C; j++) {
-                        prefetch_row(dkb + (int64_t)out->pos[j] * D, D);
-                        prefetch_row(dvb + (int64_t)out->pos[j] * Dv, Dv);
-                    }
+                pq_next = q_pos + bh * L + (g + 1) * C;
+                pk_next = k_pos + bh * L + cn * C;
+                leaving = &ring[(((g + 1 + after) % S) + S) % S];
+                if (leaving->id == INT64_MIN || leaving->id == g + 1 + after) leaving = NULL;
             }
             /* the query rows (as they are, and scaled into base-2 scores), their output
              * gradients and statistics */
@@ -149,6 +143,18 @@ static inline __attribute__((always_inline)) void grad_range(
             for (int64_t i = 0; i < C; i++) {
                 float *prow = pw + i * W, *drow = ds + i * W;
                 const vi qpi = (vi){0} + qp[i];
+                if (pq_next != NULL) {
+                    int64_t p = pq_next[i], pk = pk_next[i];
+                    prefetch_row(qb + p * D, D);
+                    prefetch_row(dob + p * Dv, Dv);
+                    prefetch_row(dqb + p * D, D);
+                    prefetch_row(kb + pk * D, D);
+                    prefetch_row(vb + pk * Dv, Dv);
+                    if (leaving != NULL) {
+                        prefetch_row(dkb + (int64_t)leaving->pos[i] * D, D);
+                        prefetch_row(dvb + (int64_t)leaving->pos[i] * Dv, Dv);
+                    }
+                }
                 const vf lv = vsplat(l2[i]), dv_ = vsplat(dl[i]);
                 for (int64_t j = 0; j < W; j += VW) {
                     vf x = vload(prow + j);
