@@ -81,8 +81,8 @@ static inline __attribute__((always_inline)) void grad_range(
         float *dqb = dq + bh * n * D, *dkb = dk + bh * n * D, *dvb = dv + bh * n * Dv;
         for (int64_t g = 0; g < T; g++) {
             /* the next chunk's rows (and the gradient rows of the chunk that leaves the
-             * ring then) are fetched while this one computes, spread over the row loop
-             * below as in lsh_chunks.c */
+             * ring then) are fetched while this one computes, spread over the loops below
+             * as in lsh_chunks.c */
             const int64_t *pq_next = NULL, *pk_next = NULL;
             const GradChunk *leaving = NULL;
             if (g + 1 < T) {
@@ -147,13 +147,8 @@ static inline __attribute__((always_inline)) void grad_range(
                     int64_t p = pq_next[i], pk = pk_next[i];
                     prefetch_row(qb + p * D, D);
                     prefetch_row(dob + p * Dv, Dv);
-                    prefetch_row(dqb + p * D, D);
                     prefetch_row(kb + pk * D, D);
                     prefetch_row(vb + pk * Dv, Dv);
-                    if (leaving != NULL) {
-                        prefetch_row(dkb + (int64_t)leaving->pos[i] * D, D);
-                        prefetch_row(dvb + (int64_t)leaving->pos[i] * Dv, Dv);
-                    }
                 }
                 const vf lv = vsplat(l2[i]), dv_ = vsplat(dl[i]);
                 for (int64_t j = 0; j < W; j += VW) {
@@ -168,6 +163,8 @@ static inline __attribute__((always_inline)) void grad_range(
             }
             /* dQ = dS K, added to the query tokens' rows */
             for (int64_t i = 0; i < C; i += 4) {
+                for (int64_t r = 0; pq_next != NULL && r < 4; r++)
+                    prefetch_row(dqb + pq_next[i + r] * D, D);
                 mm_rows4((int)S, (int)C, ds + i * W, (int)W, 1, krs, (int)D, D / VW, dqt, (int)D, 0);
                 for (int64_t r = 0; r < 4; r++) add_row(dqb + (int64_t)qp[i + r] * D, dqt + r * D, D);
             }
@@ -176,6 +173,10 @@ static inline __attribute__((always_inline)) void grad_range(
             for (int64_t s = 0; s < S; s++) {
                 GradChunk *kc = &ring[(((g - before + s) % S) + S) % S];
                 for (int64_t j = 0; j < C; j += 4) {
+                    for (int64_t r = 0; leaving != NULL && s == 0 && r < 4; r++) {
+                        prefetch_row(dkb + (int64_t)leaving->pos[j + r] * D, D);
+                        prefetch_row(dvb + (int64_t)leaving->pos[j + r] * Dv, Dv);
+                    }
                     mm_rows4(1, (int)C, ds + s * C + j, 1, (int)W, qrs, (int)D, D / VW,
                              kc->dk + j * D, (int)D, 1);
                     mm_rows4(1, (int)C, pw + s * C + j, 1, (int)W, dos, (int)Dv, Dv / VW,
