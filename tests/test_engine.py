@@ -10,9 +10,19 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from effattn.masks import apply_masks, relative, shared_tile_bias
+from effattn.mechanisms import blocksparse
 from effattn.mechanisms.blocksparse import block_sparse_attention
 from effattn.softmax import softmax_lse
 from tests.helpers import finite_lse, rand_qkv, random_padding
+
+
+@pytest.fixture(autouse=True, params=["native", "tiles"])
+def engine_path(request, monkeypatch):
+    """Every test here twice: float32 CPU calls through the native kernels where they serve
+    (the default), and through the torch tiles (their twin, which every other dtype and
+    device runs)."""
+    monkeypatch.setattr(blocksparse, "USE_NATIVE", request.param == "native")
+    return request.param
 
 
 def dense_reference(q, k, v, kv_blocks, bq, bk, scale, causal, exclude_self, k_valid, pair_mask):

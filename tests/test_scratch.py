@@ -29,10 +29,12 @@ def _call(method, shared, opts, q, k, v):
 def test_results_never_alias_the_kept_workspace(monkeypatch, method, shared, opts):
     """A result (output or gradient) that aliased a kept buffer would change under the
     next call: outputs and gradients of one call stay equal after calls of other shapes.
-    (LSH's torch groups here: its native chunk kernels keep no workspace.)"""
-    from effattn.mechanisms import lsh
+    (LSH's torch groups and the engine's torch tiles here: the native kernels keep no
+    workspace.)"""
+    from effattn.mechanisms import blocksparse, lsh
 
     monkeypatch.setattr(lsh, "USE_NATIVE_CHUNKS", False)
+    monkeypatch.setattr(blocksparse, "USE_NATIVE", False)
     release_workspaces()
     g = torch.Generator().manual_seed(0)
     q1, k1, v1 = (torch.randn(2, 2, 256, 16, generator=g) for _ in range(3))

@@ -52,6 +52,35 @@ def relative(rule: PairMask, key=None) -> PairMask:
     return elementwise(rule)
 
 
+def distance_rule(max_distance: Optional[int] = None, dilation: int = 1,
+                  off_diagonal: bool = False) -> PairMask:
+    """The relative rule allowing a pair ``(i, j)`` where ``|i - j| <= max_distance``
+    (``None``: any distance), ``dilation`` divides ``i - j`` and, with ``off_diagonal``,
+    ``i != j``: sliding windows (dilated or not), Sparse Transformer's near and
+    off-diagonal rules.  Marked :func:`relative` with a key naming it, and carrying
+    ``rule.distance = (max_distance or -1, dilation, off_diagonal)``, from which the native
+    engine kernels (:mod:`effattn.native`) apply it without calling it."""
+    if max_distance is not None and max_distance < 0:
+        raise ValueError(f"max_distance: expected >= 0 or None, got {max_distance}")
+    if dilation < 1:
+        raise ValueError(f"dilation: expected >= 1, got {dilation}")
+
+    def rule(a, b):
+        d = a - b
+        ok = d == d  # every pair (positions are integers)
+        if max_distance is not None:
+            ok = ok & (d.abs() <= max_distance)
+        if dilation > 1:
+            ok = ok & (d % dilation == 0)
+        if off_diagonal:
+            ok = ok & (d != 0)
+        return ok
+
+    rule.distance = (-1 if max_distance is None else int(max_distance), int(dilation),
+                     bool(off_diagonal))
+    return relative(rule, key=("distance",) + rule.distance)
+
+
 def rule_key(rule: Optional[PairMask]):
     """The hashable that stands for ``rule`` in caches of its results: ``()`` for no rule,
     ``("rule", key)`` for a rule marked with a ``key`` (:func:`relative`), ``None`` (not

@@ -16,7 +16,10 @@ causal, key validity (padding), shared-QK self-exclusion and an optional
 Where compiled FlexAttention serves a call better (CPU inference, CUDA), the call goes
 to it with the same layout and pair rules (:mod:`effattn.mechanisms._flex`: block masks
 cached per layout, switchable with ``EFFATTN_FLEX`` / ``_flex.flex_mode``); elsewhere
-(CPU training, a requested log-sum-exp on CPU) the engine's own tiles run.
+(CPU training, a requested log-sum-exp on CPU) the engine's own path runs: for float32 on
+the CPU the fused native kernels (:func:`effattn.native.block_sparse` and its backward:
+square blocks, rules from positions and :func:`effattn.masks.distance_rule`), else — or
+where they decline — the torch tiles below.
 
 The forward returns ``(out, lse)``; the backward recomputes score tiles from
 ``q, k, v, out, lse`` (FlashAttention-2 style) and also takes a gradient on ``lse``
@@ -36,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from effattn import native
 from effattn.masks import SELF_PENALTY, PairMask, apply_masks, rule_key, shared_tile_bias
 from effattn.mechanisms import _flex
 from effattn.mechanisms._layout import content_digest
@@ -64,6 +68,9 @@ _tile_cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 #: per call
 BIASES_PER_TILE = 2
 _tile_lock = threading.Lock()
+#: float32 CPU calls run the fused native kernels (:func:`effattn.native.block_sparse`,
+#: :func:`effattn.native.block_sparse_backward`) where they serve; False: the torch tiles
+USE_NATIVE = True
 
 
 @dataclasses.dataclass
@@ -590,6 +597,24 @@ def _every_row_has_a_key(p: _Plan, t: _Tile) -> bool:
     return t.mask_cols is not None and sum(b - a for a, b in t.mask_cols) < width
 
 
+def _native_rules(p: _Plan, q: torch.Tensor) -> Optional[dict]:
+    """The keywords describing plan ``p``'s pattern to the native kernels, or None where they
+    cannot take it: switched off (:data:`USE_NATIVE`), not float32 on the CPU, blocks not
+    square, or a pair rule other than a :func:`effattn.masks.distance_rule`."""
+    if not USE_NATIVE or q.dtype != torch.float32 or q.device.type != "cpu" or p.block_q != p.block_k:
+        return None
+    distance = None
+    if p.pair_mask is not None:
+        distance = getattr(p.pair_mask, "distance", None)
+        if distance is None:
+            return None
+    # the self penalty is everywhere: the rule-free hint does not hold with it
+    full = None if p.kv_blocks is None or p.exclude_self else p.unmasked_slots()
+    return dict(block=p.block_q, q_pos=p.q_pos, k_pos=p.k_pos, k_valid=p.k_valid,
+                full_slots=full, causal=p.causal, exclude_self=p.exclude_self,
+                penalty=SELF_PENALTY * LOG2_E, distance=distance)
+
+
 def _forward(p: _Plan, q, k, v, need_lse: bool = True, out: Optional[torch.Tensor] = None):
     """Engine forward on padded, compute-dtype tensors -> ``(out, lse)`` padded (``lse``
     None with ``need_lse=False``: then a group whose one tile holds every row's keys, each
@@ -602,6 +627,10 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True, out: Optional[torch.Tenso
     if out is None:
         out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device) if need_lse else None
+    rules = _native_rules(p, q)
+    if rules is not None and native.block_sparse(q, k, v, p.kv_blocks, qscale=p.scale * LOG2_E,
+                                                 out=out, lse=lse, **rules):
+        return out, lse
     ws = kept_workspace("engine", q.device)  # tiles' gathered keys and scores: the same memory
     # every tile and every call
     for rows, tiles in _tiles(p):
@@ -685,6 +714,12 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     delta = output_delta(dout, out, dlse)
     dout = dout.to(mdt)
     lse_s = safe_lse(lse)
+    rules = _native_rules(p, q)
+    if rules is not None and native.block_sparse_backward(
+            q, k, v, p.kv_blocks, qscale=p.scale * LOG2_E, scale=p.scale,
+            lse2=(lse_s * LOG2_E).contiguous(), delta=delta.contiguous(), dout=dout, dq=dq, dk=dk,
+            dv=dv, add_dq=acc is not None, **rules):
+        return dq, dk, dv
     ws = kept_workspace("engine", q.device)  # tiles' gathered keys, scores and gradients
     for rows, tiles in _tiles(p):
         if not tiles:

@@ -28,7 +28,7 @@ import functools
 import torch
 
 from effattn.api import register
-from effattn.masks import elementwise, relative
+from effattn.masks import distance_rule, elementwise
 from effattn.mechanisms._layout import (
     band_full_slots, band_layout, block_bounds, check_int, check_same_length, compact_layout,
     engine_flops, n_blocks, range_candidates,
@@ -115,8 +115,7 @@ def _strided_residue_part(N, stride, block, *, scale, causal, exclude_self, padd
     pos, layout, bm = _residue_plan(N, stride, block, causal, device)
     return permuted_part(N, pos, layout, bm, padding_mask=padding_mask, scale=scale, causal=causal,
                          exclude_self=exclude_self,
-                         pair_mask=(relative(lambda a, b: a != b, key=("off diagonal",))
-                                    if skip_diagonal else None))
+                         pair_mask=distance_rule(off_diagonal=True) if skip_diagonal else None)
 
 
 def _fixed_local_layout(N, stride, block, causal, device):
@@ -202,8 +201,7 @@ def sparse_strided(q, k, v, *, causal, padding_mask, scale, return_lse, shared_q
     full = band_full_slots(local, N, block_size, stride - 1, 0 if causal else stride - 1)
     part1 = _local_part(local, block_size, scale=scale, causal=causal, exclude_self=shared_qk,
                         k_valid=None if padding_mask is None else padding_mask[:, None],
-                        pair_mask=relative(lambda a, b: (a - b).abs() < stride,
-                                           key=("near", stride)),
+                        pair_mask=distance_rule(stride - 1),
                         full_slots=full)
     # the union counts the diagonal (in both patterns) once: the residue part skips it
     part2 = _strided_residue_part(N, stride, block_size, scale=scale, causal=causal,

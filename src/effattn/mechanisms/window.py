@@ -19,7 +19,7 @@ from effattn.mechanisms._layout import (
     has_multiple, lookup, merge_parts, n_blocks, per_head, range_candidates,
 )
 from effattn.mechanisms._union import permuted_block_attention
-from effattn.masks import elementwise, relative
+from effattn.masks import distance_rule, elementwise
 from effattn.mechanisms.blocksparse import block_sparse_attention
 
 # ================================================================ Longformer
@@ -118,10 +118,7 @@ def _scatter_rows(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows:
 def _band_rule(width: int, dil: int):
     """Elementwise pair rule ``|i - j| <= width`` and ``dil | i - j`` on plain ints (inside
     FlexAttention's compiled ``mask_mod`` they are constants, no table reads)."""
-    if dil == 1:
-        return relative(lambda a, b: (a - b).abs() <= width, key=("band", width))
-    return relative(lambda a, b: ((a - b).abs() <= width) & ((a - b) % dil == 0),
-                    key=("dilated band", width, dil))
+    return distance_rule(width, dil)
 
 
 def longformer(q, k, v, *, causal, padding_mask, scale, return_lse, shared_qk,

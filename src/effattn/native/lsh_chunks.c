@@ -11,9 +11,6 @@
  * The float32 register blocks are 4 rows x up to 4 vectors (VW lanes: 16 with AVX-512,
  * else 8; the compiler splits them where the machine's vectors are narrower). */
 #include "vec.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* One key chunk in a thread's ring: transposed keys Kt [D][C], values [C][Dv], positions
  * and validity of its rows; `id` the (unwrapped) chunk index it holds. */
@@ -241,12 +238,8 @@ void effattn_lsh_chunks_f32(const float *q, const float *k, const float *v, cons
     const int64_t items = BH * count;
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
-        int64_t lo = items * tid / nt, hi = items * (tid + 1) / nt;
+        int64_t lo, hi;
+        thread_share(items, &lo, &hi);
         if (C == 64 && D == 64 && Dv == 64) /* the default shape, unrolled */
             chunk_range(q, k, v, q_pos, k_pos, k_valid, n, R, 64, before, after, 64, 64, qscale,
                         exclude_self, penalty, causal, first, count, out, lse, merge, lo, hi);

@@ -14,9 +14,6 @@
  * owns a (batch*head)'s chunks, every round of them, so the rows it adds to are its own: no
  * atomics, no per-thread copies of the gradients. */
 #include "vec.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* One key chunk in a thread's ring: transposed keys Kt [D][C] (scores), key rows [C][D]
  * (dQ), transposed values Vt [Dv][C] (dP), the chunk's key and value gradients so far

@@ -1,5 +1,6 @@
 /* effattn native kernels: shared float32 vector helpers (GCC vector extensions) of the
- * LSH chunk kernels (lsh_chunks.c forward, lsh_chunks_backward.c backward).  Everything
+ * LSH chunk kernels (lsh_chunks.c forward, lsh_chunks_backward.c backward) and the
+ * block-sparse engine's (block_sparse.c).  Everything
  * here is static inline: each kernel file compiles its own copy into its loops. */
 #ifndef EFFATTN_VEC_H
 #define EFFATTN_VEC_H
@@ -7,6 +8,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -73,6 +77,18 @@ static inline vf vlog2(vf x) {
     p = p * z2 + 1.0f / 3.0f;
     p = p * z2 + 1.0f;
     return __builtin_convertvector(e, vf) + z * p * 2.88539008177792681f; /* 2 log2 e */
+}
+
+/* The share lo .. hi - 1 of items 0 .. items - 1 that the calling thread of an OpenMP
+ * parallel region takes (all of them without OpenMP). */
+static inline void thread_share(int64_t items, int64_t *lo, int64_t *hi) {
+    int nt = 1, tid = 0;
+#ifdef _OPENMP
+    nt = omp_get_num_threads();
+    tid = omp_get_thread_num();
+#endif
+    *lo = items * tid / nt;
+    *hi = items * (tid + 1) / nt;
 }
 
 static inline float hmax(vf x) {
@@ -143,7 +159,8 @@ static inline void prefetch_row(const float *row, int64_t len) {
 /* VW base-2 scores x of one query row (original position qpi in every lane) against keys
  * at positions kp, validity kvalid (-1 valid, 0 not): the self penalty subtracted where
  * kp == qpi (exclude_self), then -inf where the key is invalid or (causal) after the
- * query.  The one masking rule of both chunk kernels. */
+ * query.  The one masking rule of the chunk and engine kernels (block_sparse.c adds its
+ * distance rules on top). */
 static inline vf mask_scores(vf x, vi kp, vi kvalid, vi qpi, int exclude_self, vf pen,
                              int causal) {
     if (exclude_self) x -= vselect(kp == qpi, pen, vsplat(0.0f));
