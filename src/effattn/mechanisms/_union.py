@@ -31,7 +31,7 @@ from effattn.mechanisms._layout import flat_rows, take_rows
 from effattn.mechanisms._scratch import Workspace, kept_workspace
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_attention, block_sparse_backward,
-    block_sparse_forward,
+    block_sparse_forward, native_rows_backward, native_rows_forward,
 )
 from effattn.softmax import merge_pair_, stat_dtype
 
@@ -116,6 +116,10 @@ class EnginePart:
             y.masked_fill_(~self.real.view(-1, *([1] * (y.dim() - 3))), padding)
         return y
 
+    def _slot_rows(self) -> torch.Tensor:
+        """The original row of each slot, ``-1`` for a padding slot (``rows`` given)."""
+        return torch.where(self.real, self.rows, torch.full_like(self.rows, -1))
+
     def _original_order(self, x: torch.Tensor, ws: Optional[Workspace] = None,
                         name: str = "") -> torch.Tensor:
         return x if self.rows is None else take_rows(x, self.back[None, None], ws, name)
@@ -137,6 +141,10 @@ class EnginePart:
         original order (the ``q_rows`` only, with those)."""
         if self._flash(q, v):
             return _FLASH(*self._inputs(q, k, v), 0.0, False, scale=self.options["scale"])
+        if self.rows is not None:  # the native kernel reads and writes the rows in place
+            got = native_rows_forward(q, k, v, self._slot_rows(), self.kv_blocks, **self.options)
+            if got is not None:
+                return got
         # reordered inputs in the thread's kept buffers (16 MB each at N = 16,384, H = 4:
         # page-faulted in afresh every call otherwise); the results are fresh tensors
         ws = kept_workspace("union", q.device)
@@ -147,6 +155,9 @@ class EnginePart:
         """Add this part's share of the gradient of a union whose final ``out [B,H,N,Dv]``,
         ``lse [B,H,N]`` and their gradients ``dout``, ``dlse`` (or None) are given into
         ``grads = [dq, dk, dv]`` (statistics dtype, shapes of q, k, v, contiguous)."""
+        if self.rows is not None and native_rows_backward(
+                q, k, v, out, lse, dout, dlse, self._slot_rows(), self.kv_blocks, grads, **self.options):
+            return
         ws = kept_workspace("union", q.device)  # reordered copies: the thread's kept buffers
         qp, kp, vp = self._inputs(q, k, v, ws)
         # padding slots: zero output gradient and lse = +inf, so their probabilities (and

@@ -788,27 +788,21 @@ def _positions(pos: Optional[torch.Tensor], n: int, n_pad: int, device) -> torch
     return _pad_last(pos.long(), n_pad, value=-1)
 
 
-def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclude_self=False,
-             q_pos=None, k_pos=None, k_valid=None, pair_mask=None, tile_budget=None,
-             group_blocks=None, slot_chunk=None, full_slots=None, exact_layout=False):
-    """Validate a call, build its :class:`_Plan` and pad/cast ``q, k, v`` to block multiples
-    in the statistics dtype -> ``(plan, qc, kc, vc)`` (arguments as
-    :func:`block_sparse_attention`)."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+def _make_plan(B, H, Nq, Nk, device, kv_blocks, *, block_q, block_k, scale, causal=False,
+               exclude_self=False, q_pos=None, k_pos=None, k_valid=None, pair_mask=None,
+               tile_budget=None, group_blocks=None, slot_chunk=None, full_slots=None,
+               exact_layout=False) -> _Plan:
+    """Validate a call on ``Nq`` queries and ``Nk`` keys of ``B x H`` heads and build its
+    :class:`_Plan` (arguments as :func:`block_sparse_attention`)."""
     tile_budget = DEFAULT_TILE_BUDGET if tile_budget is None else tile_budget
-    cdt = stat_dtype(q.dtype)
-    # bf16 keeps its matmuls in bf16 (several times faster on CPUs with bf16 units; products
-    # accumulate in float32 inside the matmul) while every softmax statistic is float32
-    mdt = torch.bfloat16 if q.dtype == torch.bfloat16 else cdt
     nqb, nkb = math.ceil(Nq / block_q), math.ceil(Nk / block_k)
     NQ, NK = nqb * block_q, nkb * block_k
     default_pos = q_pos is None and k_pos is None
-    qp = _positions(q_pos, Nq, NQ, q.device)
-    kp = _positions(k_pos, Nk, NK, q.device)
+    qp = _positions(q_pos, Nq, NQ, device)
+    kp = _positions(k_pos, Nk, NK, device)
     kvalid = None if k_valid is None else _pad_last(k_valid, NK, value=False)
     if kvalid is None and NK > Nk:
-        kvalid = (torch.arange(NK, device=q.device) < Nk)[None, None]
+        kvalid = (torch.arange(NK, device=device) < Nk)[None, None]
     if kv_blocks is not None:
         if kv_blocks.dim() != 4 or kv_blocks.shape[2] != nqb:
             raise ValueError(
@@ -828,9 +822,21 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
             slot_chunk = max(1, S)
         if group_blocks is None:
             group_blocks = max(1, min(nqb, tile_budget // max(1, B * H * block_q * block_k * slot_chunk)))
-    plan = _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
+    return _Plan(B, H, Nq, Nk, block_q, block_k, float(scale), causal, exclude_self, kv_blocks,
                  qp, kp, kvalid, pair_mask, default_pos, group_blocks, slot_chunk,
                  None if kv_blocks is None else full_slots, bool(exact_layout), k_valid is not None)
+
+
+def _prepare(q, k, v, kv_blocks, **kw):
+    """Validate a call, build its :class:`_Plan` and pad/cast ``q, k, v`` to block multiples
+    in the statistics dtype -> ``(plan, qc, kc, vc)`` (arguments as
+    :func:`block_sparse_attention`)."""
+    B, H, Nq = q.shape[:3]
+    plan = _make_plan(B, H, Nq, k.shape[2], q.device, kv_blocks, **kw)
+    NQ, NK = plan.nqb * plan.block_q, plan.nkb * plan.block_k
+    # bf16 keeps its matmuls in bf16 (several times faster on CPUs with bf16 units; products
+    # accumulate in float32 inside the matmul) while every softmax statistic is float32
+    mdt = torch.bfloat16 if q.dtype == torch.bfloat16 else stat_dtype(q.dtype)
     # queries only need contiguous rows (the tiles view them): a row range of a larger
     # tensor (BigBird's row pieces) is not copied (64 MB at N = 65,536, H = 4)
     qc = _pad_rows(q.to(mdt), NQ)
@@ -839,6 +845,48 @@ def _prepare(q, k, v, kv_blocks, *, block_q, block_k, scale, causal=False, exclu
     kc = _pad_rows(k.to(mdt), NK).contiguous()
     vc = _pad_rows(v.to(mdt), NK).contiguous()
     return plan, qc, kc, vc
+
+
+def native_rows_forward(q, k, v, rows: torch.Tensor, kv_blocks, **kw):
+    """The engine's forward on permuted rows through the native kernel, without copying them
+    into the permuted order: engine row ``s`` is row ``rows[s]`` of ``q [B, H, N, D]``, ``k``,
+    ``v [B, H, N, Dv]`` (``-1``: a padding slot, which ``k_valid`` must mask), every row in
+    some slot; ``kv_blocks`` and the keywords (:func:`block_sparse_attention`'s: positions,
+    validity and rules of the engine rows) as the engine takes them on the permuted tensors.
+    Returns ``(out [B, H, N, Dv], lse [B, H, N])`` in the original order, or None where the
+    kernel does not serve (the caller then permutes and runs the engine)."""
+    B, H, N = q.shape[:3]
+    L = rows.shape[0]
+    plan = _make_plan(B, H, L, L, q.device, kv_blocks, **kw)
+    rules = _native_rules(plan, q)
+    if rules is None or plan.nqb * plan.block_q != L:
+        return None
+    out = torch.empty(B, H, N, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    if not native.block_sparse(q, k, v, plan.kv_blocks, qscale=plan.scale * LOG2_E, out=out,
+                               lse=lse, rows=rows, **rules):
+        return None
+    return out, lse
+
+
+def native_rows_backward(q, k, v, out, lse, dout, dlse, rows: torch.Tensor, kv_blocks, grads,
+                         **kw) -> bool:
+    """The gradients of :func:`native_rows_forward`'s attention as a share of a larger one
+    (final ``out``, ``lse`` and their gradients ``dout``, ``dlse`` or None, all in the
+    original order, as :func:`block_sparse_backward` takes them) added into ``grads = (dq,
+    dk, dv)`` (float32, shapes of q, k, v).  Returns False (nothing added) where the kernel
+    does not serve."""
+    B, H = q.shape[:2]
+    L = rows.shape[0]
+    plan = _make_plan(B, H, L, L, q.device, kv_blocks, **kw)
+    rules = _native_rules(plan, q)
+    if rules is None or plan.nqb * plan.block_q != L:
+        return False
+    lse2 = (safe_lse(lse) * LOG2_E).contiguous()
+    return native.block_sparse_backward(
+        q, k, v, plan.kv_blocks, qscale=plan.scale * LOG2_E, scale=plan.scale, lse2=lse2,
+        delta=output_delta(dout, out, dlse).contiguous(), dout=dout, dq=grads[0], dk=grads[1],
+        dv=grads[2], add_dq=True, rows=rows, **rules)
 
 
 def block_sparse_forward(q, k, v, kv_blocks, **kw):

@@ -175,10 +175,10 @@ def _library():
                                             ctypes.c_int] + [ptr] * 3 + [ctypes.c_int])
     fn.restype = None
     fn = lib.effattn_block_sparse_f32
-    fn.argtypes = [ptr] * 9 + [ctypes.c_float, ctypes.c_float, i64, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr] * 10 + [ctypes.c_float, ctypes.c_float, i64, ptr, ptr, ctypes.c_int]
     fn.restype = None
     fn = lib.effattn_block_sparse_backward_f32
-    fn.argtypes = ([ptr] * 12 + [ctypes.c_float] * 3 + [ptr] * 3 + [ctypes.c_int, ctypes.c_int])
+    fn.argtypes = ([ptr] * 13 + [ctypes.c_float] * 3 + [ptr] * 3 + [ctypes.c_int, ctypes.c_int])
     fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
@@ -388,30 +388,36 @@ def _row_strides(x: torch.Tensor, B: int, H: int):
     return (x.stride(0) if B > 1 else 0), (x.stride(1) if H > 1 else 0)
 
 
-def _block_sparse_config(q, k, v, o, dq, dk, dv, stats, kv_blocks, block, q_pos, k_pos,
+def _block_sparse_config(q, k, v, o, dq, dk, dv, stats, rows, kv_blocks, block, q_pos, k_pos,
                          k_valid, full_slots, causal, exclude_self, distance, grads):
     """The library and ``(config, kept tensors)`` of one block_sparse call, or None where the
     kernels do not serve those tensors (see :func:`block_sparse`).  ``o``: the output
-    (forward) or its gradient (backward); ``stats``: per-row tensors ``[B, H, NQ]`` (None:
-    not passed), which must be float32 and contiguous."""
+    (forward) or its gradient (backward); ``stats``: per-row tensors ``[B, H, N]`` (None:
+    not passed), which must be float32 and contiguous; ``rows``: the row map or None."""
     lib = _library()
     if lib is None or q.dim() != 4:
         return None
-    B, H, NQ, D = q.shape
+    B, H, N, D = q.shape
     if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()
-                              or t.device.type != "cpu" or tuple(t.shape) != (B, H, NQ))
+                              or t.device.type != "cpu" or tuple(t.shape) != (B, H, N))
            for t in stats):
         return None
-    NK, Dv = k.shape[2], v.shape[-1]
+    NQ, NK, Dv = N, k.shape[2], v.shape[-1]
+    if rows is not None:  # engine rows map to rows of q, k, v (all of one length)
+        if (rows.dim() != 1 or rows.dtype != torch.long or rows.device.type != "cpu"
+                or NK != N or (rows.numel() and not -1 <= int(rows.min()) <= int(rows.max()) < N)):
+            return None
+        rows = rows.contiguous()
+        NQ = NK = rows.numel()
     vw = lib.effattn_lsh_vector_width()
-    rows = (q, k, v, o) + ((dq, dk, dv) if grads else ())
-    strides = [_row_strides(t, B, H) for t in rows]
-    tensors = rows + (q_pos, k_pos) + tuple(t for t in (kv_blocks, k_valid, full_slots) if t is not None)
+    row_tensors = (q, k, v, o) + ((dq, dk, dv) if grads else ())
+    strides = [_row_strides(t, B, H) for t in row_tensors]
+    tensors = row_tensors + (q_pos, k_pos) + tuple(t for t in (kv_blocks, k_valid, full_slots) if t is not None)
     if (None in strides or any(t.device.type != "cpu" for t in tensors)
-            or any(t.dtype != torch.float32 for t in rows)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in rows))
-            or tuple(k.shape) != (B, H, NK, D) or tuple(v.shape[:3]) != (B, H, NK)
-            or tuple(o.shape) != (B, H, NQ, Dv)
+            or any(t.dtype != torch.float32 for t in row_tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in row_tensors))
+            or tuple(k.shape[:2]) != (B, H) or k.shape[3] != D or v.shape[:3] != k.shape[:3]
+            or tuple(o.shape) != (B, H, N, Dv)
             or (grads and (dq.shape != q.shape or dk.shape != k.shape or dv.shape != v.shape))
             or block % vw or D % vw or Dv % vw or NQ % block or NK % block
             or max(NQ, NK) >= 2 ** 31 or (grads and B * H < torch.get_num_threads())):
@@ -440,8 +446,8 @@ def _block_sparse_config(q, k, v, o, dq, dk, dv, stats, kv_blocks, block, q_pos,
     strides += [(0, 0)] * (7 - len(strides))
     cf = torch.tensor([B, H, nqb, nkb, S, block, D, Dv, lay_sb, lay_sh, full_sb, full_sh, qp_sb,
                        qp_sh, kp_sb, kp_sh, kv_sb, kv_sh, *[x for st in strides for x in st],
-                       int(causal), int(exclude_self), band, dil, int(offdiag)], dtype=torch.long)
-    return lib, (cf, lay, full, qp, kp, kv)
+                       int(causal), int(exclude_self), band, dil, int(offdiag), N], dtype=torch.long)
+    return lib, (cf, lay, full, qp, kp, kv, rows)
 
 
 def _ptr(t: Optional[torch.Tensor]):
@@ -453,7 +459,7 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  k_pos: torch.Tensor, k_valid: Optional[torch.Tensor],
                  full_slots: Optional[torch.Tensor], qscale: float, causal: bool,
                  exclude_self: bool, penalty: float, distance, out: torch.Tensor,
-                 lse: Optional[torch.Tensor]) -> bool:
+                 lse: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> bool:
     """The block-sparse engine's forward, fused (``block_sparse.c``;
     :func:`effattn.mechanisms.blocksparse._forward` is its torch twin).
 
@@ -468,20 +474,29 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     off_diagonal)`` (:func:`effattn.masks.distance_rule`) or None.  Writes the normalized
     rows into ``out [B, H, NQ, Dv]`` (float32, rows contiguous) and the natural
     log-sum-exp into ``lse [B, H, NQ]`` (contiguous, or None: not wanted); rows with no
-    allowed key get zeros and ``-inf``.  Returns False (nothing written) where it does not
-    serve: not loaded, not float32 on the CPU, gradients wanted, ``block``, ``D`` or ``Dv``
-    not a multiple of the vector width (16 with AVX-512, else 8)."""
-    got = _block_sparse_config(q, k, v, out, None, None, None, (lse,), kv_blocks, block, q_pos,
+    allowed key get zeros and ``-inf``.
+
+    ``rows`` long ``[L]`` (a permuted order, e.g. residue classes): the engine runs on
+    ``L`` rows, engine row ``s`` being row ``rows[s]`` of ``q, k, v`` (all ``[B, H, N, .]``)
+    and of ``out``, ``lse`` (``[B, H, N, Dv]``, ``[B, H, N]``: the original order); ``-1``
+    marks a padding slot (read as zeros, never written: ``k_valid`` must mask it as a key).
+    Positions, validity and the layout are then the engine rows' (length ``L``); rows of
+    ``out`` no slot holds are left as they are.
+
+    Returns False (nothing written) where it does not serve: not loaded, not float32 on the
+    CPU, gradients wanted, ``block``, ``D`` or ``Dv`` not a multiple of the vector width (16
+    with AVX-512, else 8)."""
+    got = _block_sparse_config(q, k, v, out, None, None, None, (lse,), rows, kv_blocks, block, q_pos,
                                k_pos, k_valid, full_slots, causal, exclude_self, distance,
                                grads=False)
     if got is None:
         return False
-    lib, (cf, lay, full, qp, kp, kv) = got
+    lib, (cf, lay, full, qp, kp, kv, rows) = got
     chunk = max(1, BLOCK_SPARSE_STEP_BYTES // (4 * block * block))
-    if q.shape[2]:
+    if qp.shape[-1]:
         lib.effattn_block_sparse_f32(cf.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                      _ptr(lay), _ptr(full), qp.data_ptr(), kp.data_ptr(), _ptr(kv),
-                                     qscale, penalty, chunk, out.data_ptr(), _ptr(lse),
+                                     _ptr(rows), qscale, penalty, chunk, out.data_ptr(), _ptr(lse),
                                      torch.get_num_threads())
     return True
 
@@ -493,26 +508,28 @@ def block_sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           causal: bool, exclude_self: bool, penalty: float, distance,
                           lse2: torch.Tensor, delta: torch.Tensor, dout: torch.Tensor,
                           dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                          add_dq: bool) -> bool:
+                          add_dq: bool, rows: Optional[torch.Tensor] = None) -> bool:
     """The gradients of :func:`block_sparse` (``block_sparse.c``;
     :func:`effattn.mechanisms.blocksparse._backward` is its torch twin): added into ``dk
     [B, H, NK, D]``, ``dv [B, H, NK, Dv]`` and (``add_dq``) added into or (else) written to
     ``dq [B, H, NQ, D]`` (float32, rows contiguous).  Arguments as :func:`block_sparse`, plus
     ``lse2 [B, H, NQ]``: the log-sum-exp in base-2 units (0 where a row has no key);
     ``delta [B, H, NQ]``: ``rowsum(dout * out) - dlse``; ``dout [B, H, NQ, Dv]``; ``scale``:
-    the softmax scale.  Each (batch, head) runs on one thread: it declines (False, nothing
+    the softmax scale; ``rows`` as :func:`block_sparse` takes it (the gradients, ``dout``,
+    ``lse2`` and ``delta`` then in the original order too).  Each (batch, head) runs on one
+    thread: it declines (False, nothing
     written) with fewer (batch, head)s than torch's threads, as well as where
     :func:`block_sparse` declines."""
-    got = _block_sparse_config(q, k, v, dout, dq, dk, dv, (lse2, delta), kv_blocks, block, q_pos,
+    got = _block_sparse_config(q, k, v, dout, dq, dk, dv, (lse2, delta), rows, kv_blocks, block, q_pos,
                                k_pos, k_valid, full_slots, causal, exclude_self, distance,
                                grads=True)
     if got is None:
         return False
-    lib, (cf, lay, full, qp, kp, kv) = got
-    if q.shape[2]:
+    lib, (cf, lay, full, qp, kp, kv, rows) = got
+    if qp.shape[-1]:
         lib.effattn_block_sparse_backward_f32(
             cf.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(lay), _ptr(full),
-            qp.data_ptr(), kp.data_ptr(), _ptr(kv), lse2.data_ptr(), delta.data_ptr(),
+            qp.data_ptr(), kp.data_ptr(), _ptr(kv), _ptr(rows), lse2.data_ptr(), delta.data_ptr(),
             dout.data_ptr(), qscale, scale, penalty, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             int(add_dq), torch.get_num_threads())
     return True
