@@ -91,10 +91,49 @@ static inline void thread_share(int64_t items, int64_t *lo, int64_t *hi) {
     *hi = items * (tid + 1) / nt;
 }
 
+/* Horizontal maximum and sum of a vector: halves combined lane-wise (16 -> 8 -> 4 -> 2 ->
+ * 1 lanes), in registers with shuffles where the compiler has __builtin_shufflevector (GCC
+ * 12, clang); else the same tree through memory (GCC 11 and older compile that to stack
+ * stores and scalar reloads, ~2x slower per row of the kernels' row softmaxes).  Both give
+ * the same result, bit for bit. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float vf8_ __attribute__((vector_size(32)));
+typedef float vf4_ __attribute__((vector_size(16)));
+typedef int32_t vi8_ __attribute__((vector_size(32)));
+typedef int32_t vi4_ __attribute__((vector_size(16)));
+#define HALVES_MAX_(a, b, VF, VI) ((VF)(((VI)(a) & (VI)((a) > (b))) | ((VI)(b) & ~(VI)((a) > (b)))))
+
+static inline float hsum(vf x) {
+#if VW == 16
+    vf8_ a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+             + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf8_ a = x;
+#endif
+    vf4_ b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 static inline float hmax(vf x) {
-    float m = x[0];
-    for (int i = 1; i < VW; i++) m = x[i] > m ? x[i] : m;
-    return m;
+#if VW == 16
+    vf8_ lo8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+    vf8_ hi8 = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf8_ a = HALVES_MAX_(hi8, lo8, vf8_, vi8_);
+#else
+    vf8_ a = x;
+#endif
+    vf4_ lo4 = __builtin_shufflevector(a, a, 0, 1, 2, 3), hi4 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    vf4_ b = HALVES_MAX_(hi4, lo4, vf4_, vi4_);
+    float m0 = b[2] > b[0] ? b[2] : b[0], m1 = b[3] > b[1] ? b[3] : b[1];
+    return m1 > m0 ? m1 : m0;
+}
+#else
+static inline float hmax(vf x) {
+    float h[VW];
+    memcpy(h, &x, sizeof h);
+    for (int w = VW / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) h[i] = h[i + w] > h[i] ? h[i + w] : h[i];
+    return h[0];
 }
 
 static inline float hsum(vf x) {
@@ -104,6 +143,7 @@ static inline float hsum(vf x) {
         for (int i = 0; i < w; i++) h[i] += h[i + w];
     return h[0];
 }
+#endif
 
 /* O[r][v*VW + l] (+)= sum_s sum_j P[r][s*C + j] * Vs[s][j][col + v*VW + l] for 4 rows and
  * NV vectors, P[r][j] read at P[r * ldp + j * ldj] (ldj = 1: rows of weights; ldp = 1,
