@@ -15,7 +15,13 @@ carried.  Memory is ``O(N·(M + Dv + chunk) + (N/chunk)·M·Dv)``, never ``O(N·
 
 ``efficient`` (Shen et al.) is the exception: its key map is a softmax of each feature
 over positions, normalized per feature rather than per query, so it streams through its
-own two-pass path (:func:`efficient_softmax_attention`).
+own two-pass path (:func:`efficient_softmax_attention`).  For float32 on the CPU both its
+passes run in native kernels (:func:`effattn.native.efficient`, ``efficient.c``: each block
+of rows read once per pass, its weights, sums and products in a thread's cache); the
+torch passes here are their twin.  B=1, H=4, D=64 on the 2-core Xeon the performance
+figures come from, the two paths alternated in one process: N = 16,384 forward 12.7 -> 7.1
+ms, forward+backward 40.3 -> 19.6 ms; N = 65,536 forward 72.8 -> 46.8 ms, forward+backward
+247 -> 146 ms.
 
 Feature maps whose key features need a large per-key factor (Performer's
 ``exp(w·k - |k|²/2)``, the trig kernel's ``exp(|k|²/2)``) return them in log-scaled
@@ -39,6 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from effattn import native
 from effattn.api import register
 from effattn.mechanisms._scratch import Workspace
 from effattn.softmax import exp_, stat_dtype
@@ -724,9 +731,18 @@ def _query_weights(q, s0: int, r: int, t: float, buf):
     return e.div_(e.sum(-1, keepdim=True))
 
 
+#: whether efficient attention runs on the native kernels where they serve (``efficient.c``:
+#: float32 on the CPU); False: always the torch passes below (its twin)
+USE_NATIVE_EFFICIENT = True
+
+
 def _efficient_stream(q, k, v, t: float, padding_mask, keep: bool):
     """Forward of :func:`efficient_softmax_attention` -> ``(out, saved)``; ``saved`` is
     ``(c, z, C)`` for the backward (None unless ``keep``)."""
+    if USE_NATIVE_EFFICIENT:
+        got = native.efficient(q, k, v, padding_mask, t)
+        if got is not None:
+            return got[0], (got[1:] if keep else None)
     B, H, Nk, D = k.shape
     Nq, Dv = q.shape[2], v.shape[-1]
     R = _efficient_rows(B, H, D, max(Nq, Nk))
@@ -772,6 +788,11 @@ class _EfficientAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, c, z, C = ctx.saved_tensors
         t, padding_mask = ctx.t, ctx.padding_mask
+        if USE_NATIVE_EFFICIENT:
+            got = native.efficient_backward(q, k, v, padding_mask, t, c, z, C, dout.contiguous(),
+                                            ctx.needs_input_grad[:3])
+            if got is not None:
+                return (*got, None, None)
         B, H, Nk, D = k.shape
         Nq = q.shape[2]
         R = _efficient_rows(B, H, D, max(Nq, Nk))

@@ -22,7 +22,9 @@ torch groups).  :func:`block_sparse` and :func:`block_sparse_backward`
 query block's scores computed transposed against key and value rows read in place (no
 gathered blocks), the softmax down the columns with a query per lane, masks from positions
 and distance rules, everything in a thread's cache (B=1, H=4, D=64, N = 16,384: BigBird
-forward 84 -> 50 ms, forward+backward 323 -> 180 ms).  Each kernel here has a pure-torch twin that
+forward 84 -> 50 ms, forward+backward 323 -> 180 ms).  :func:`efficient` and
+:func:`efficient_backward` (``efficient.c``) are Shen et al.'s efficient attention, each
+block of rows read once per pass instead of a chain of torch passes over it.  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
 
 - no C compiler (``$CC``, else ``cc`` / ``gcc`` on ``PATH``), or it failed; not Linux or
@@ -55,7 +57,8 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "lsh_chunks",
-           "lsh_chunks_backward", "block_sparse", "block_sparse_backward"]
+           "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
+           "efficient_backward"]
 
 #: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
@@ -179,6 +182,12 @@ def _library():
     fn.restype = None
     fn = lib.effattn_block_sparse_backward_f32
     fn.argtypes = ([ptr] * 13 + [ctypes.c_float] * 3 + [ptr] * 3 + [ctypes.c_int, ctypes.c_int])
+    fn.restype = None
+    fn = lib.effattn_efficient_f32
+    fn.argtypes = [ptr] * 4 + [i64] * 6 + [ctypes.c_float] + [ptr] * 4 + [ctypes.c_int]
+    fn.restype = None
+    fn = lib.effattn_efficient_backward_f32
+    fn.argtypes = [ptr] * 4 + [i64] * 6 + [ctypes.c_float] + [ptr] * 7 + [ctypes.c_int]
     fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
@@ -533,3 +542,80 @@ def block_sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             dout.data_ptr(), qscale, scale, penalty, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             int(add_dq), torch.get_num_threads())
     return True
+
+
+def _efficient_config(q, k, v, k_valid, more=()):
+    """The library and the ``[B, Nk]`` byte validity (or None) of one efficient-attention
+    call, or None where the kernels do not serve these tensors (see :func:`efficient`)."""
+    lib = _library()
+    if lib is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    vw = lib.effattn_lsh_vector_width()
+    tensors = (q, k, v) + tuple(more)
+    if (any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or tuple(k.shape) != (B, H, Nk, D) or tuple(v.shape[:3]) != (B, H, Nk)
+            or D % vw or Dv % vw or Nq < 1 or Nk < 1 or B * H < 1 or max(Nq, Nk) >= 2 ** 31):
+        return None
+    kv = None
+    if k_valid is not None:
+        if (k_valid.dtype != torch.bool or k_valid.dim() != 2 or k_valid.shape[0] != B
+                or k_valid.shape[1] < Nk or k_valid.device.type != "cpu"):
+            return None
+        kv = k_valid[:, :Nk].contiguous()
+    return lib, kv
+
+
+def efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: Optional[torch.Tensor],
+              t: float):
+    """Shen et al.'s efficient attention forward, fused (``efficient.c``;
+    :func:`effattn.mechanisms.kernel._efficient_stream` is its torch twin).
+
+    ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` float32 contiguous,
+    ``k_valid`` bool ``[B, >= Nk]`` (True = a real key; its first ``Nk`` columns are read)
+    or None, ``t > 0`` the temperature ->
+    ``(out [B, H, Nq, Dv], c [B, H, 1, D], z [B, H, 1, D], C [B, H, D, Dv])``: the output
+    ``softmax_features(t q) C`` and the statistics the backward takes (``c`` the keys'
+    per-feature shift ``t · max``, ``z`` the sums of their weights, ``C = sum_j e_j^T v_j /
+    z``).  None where it does not serve: not loaded, not float32 contiguous on the CPU,
+    gradients wanted, ``D`` or ``Dv`` not a multiple of the vector width (16 with AVX-512,
+    else 8), an empty side."""
+    got = _efficient_config(q, k, v, k_valid)
+    if got is None:
+        return None
+    lib, kv = got
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    out = torch.empty(B, H, Nq, Dv)
+    c, z = torch.empty(B, H, 1, D), torch.empty(B, H, 1, D)
+    C = torch.empty(B, H, D, Dv)
+    lib.effattn_efficient_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), B * H, H, Nq, Nk,
+                              D, Dv, t, out.data_ptr(), c.data_ptr(), z.data_ptr(), C.data_ptr(),
+                              torch.get_num_threads())
+    return out, c, z, C
+
+
+def efficient_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_valid: Optional[torch.Tensor], t: float, c: torch.Tensor, z: torch.Tensor,
+                       C: torch.Tensor, dout: torch.Tensor, need=(True, True, True)):
+    """The gradients of :func:`efficient` (``efficient.c``; the backward of
+    :class:`effattn.mechanisms.kernel._EfficientAttention` is its torch twin): ``c, z, C``
+    as :func:`efficient` returns them, ``dout [B, H, Nq, Dv]`` -> ``(dq, dk, dv)``, fresh
+    tensors (None for those ``need`` does not ask for), or None where it does not serve
+    (as :func:`efficient`; the statistics too must be float32 contiguous)."""
+    got = _efficient_config(q, k, v, k_valid, (c, z, C, dout))
+    if got is None:
+        return None
+    lib, kv = got
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    if (tuple(c.shape) != (B, H, 1, D) or tuple(z.shape) != (B, H, 1, D)
+            or tuple(C.shape) != (B, H, D, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)):
+        return None
+    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
+    lib.effattn_efficient_backward_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), B * H, H, Nq, Nk, D, Dv, t, c.data_ptr(),
+        z.data_ptr(), C.data_ptr(), dout.data_ptr(), *map(_ptr, grads), torch.get_num_threads())
+    return tuple(grads)
