@@ -32,3 +32,20 @@ def random_padding(B, N, p_real=0.7, seed=0, empty_row=None):
 def finite_lse(lse):
     """``lse`` with ``-inf`` (empty rows) replaced by 0, for use in a loss."""
     return lse.masked_fill(torch.isinf(lse), 0.0)
+
+
+def record_served(monkeypatch, module, names):
+    """Wrap each ``module.<name>`` (functions that return None where they do not serve)
+    so that every call appends ``(name, served)`` to the returned list, in call order."""
+    got = []
+
+    def counted(name, real):
+        def call(*a, **kw):
+            res = real(*a, **kw)
+            got.append((name, res is not None))
+            return res
+        return call
+
+    for name in names:
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    return got

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import effattn
 from effattn import native
 from effattn.mechanisms import kernel
+from tests.helpers import record_served
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
@@ -23,18 +24,7 @@ def _vw() -> int:
 @pytest.fixture
 def calls(monkeypatch):
     """Every native efficient-attention call's name and whether it served, in order."""
-    got = []
-
-    def counted(name, real):
-        def call(*a, **kw):
-            res = real(*a, **kw)
-            got.append((name, res is not None))
-            return res
-        return call
-
-    monkeypatch.setattr(native, "efficient", counted("fwd", native.efficient))
-    monkeypatch.setattr(native, "efficient_backward", counted("bwd", native.efficient_backward))
-    return got
+    return record_served(monkeypatch, native, ("efficient", "efficient_backward"))
 
 
 def _inputs(B, H, Nq, Nk, D, Dv, magnitude, seed):
@@ -78,7 +68,7 @@ def test_native_efficient_equals_the_torch_passes(calls, B, H, Nq, Nk, dmul, pad
         if keyless:
             pm[-1] = False
     out, grads = _run(q, k, v, t, pm, need, True, seed)
-    assert calls == [("fwd", True), ("bwd", True)]
+    assert calls == [("efficient", True), ("efficient_backward", True)]
     ref, ref_grads = _run(q, k, v, t, pm, need, False, seed)
     # both float32 paths are held to the float64 result: the kernels no further from it
     # than a few times the torch passes' own rounding, or than the rounding of exponents
@@ -135,7 +125,7 @@ def test_efficient_method_runs_on_the_kernels_and_matches_the_twin(calls):
             out = effattn.attention(*xs, "efficient", padding_mask=pm)
             out.backward(torch.ones_like(out))
         res.append([out.detach()] + [x.grad for x in xs])
-    assert calls == [("fwd", True), ("bwd", True)]
+    assert calls == [("efficient", True), ("efficient_backward", True)]
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

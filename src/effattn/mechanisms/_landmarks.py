@@ -10,14 +10,20 @@
 
 Both are autograd Functions with the backward written out (``dV = P^T dO``, ``dP = dO
 V^T``, ``dS = P * (dP - rowsum(dP * P))`` through torch's fused softmax backward, ``dQ = s
-dS K``, ``dK = s dS^T Q``) that hand back fresh contiguous gradients.  Why not SDPA in training:
-measured on the 2-core CPU (B = 1, H = 4, D = 64, L = 64, forward+backward), torch
-2.13's fused CPU kernels took 30 / 151 ms (N = 16,384 / 65,536) for the first product
-against 21 / 119 here, and 35 / 175 ms for the second against 18 / 106 (its backward also
-hands out transposed gradients that autograd copies); the block-sparse engine's dense
-tiles 28 / 119 ms for the second.  For ``L = 256`` SDPA was faster (68 vs 72 ms at 16K),
-and without gradients SDPA is as fast or faster at 65K (45 vs 50 ms, 30 vs 47 ms: one
-pass, nothing kept), so calls that need no gradient go to SDPA (:func:`masked_sdpa`).
+dS K``, ``dK = s dS^T Q``) that hand back fresh contiguous gradients.  For float32 on the
+CPU (``L``, ``D``, ``Dv`` multiples of the vector width) both directions run on native
+kernels (``effattn/native/landmarks.c``) with or without gradients; the torch code here is
+their twin (:data:`USE_NATIVE_LANDMARKS` off, other dtypes and devices).  They read each
+block of the long side's rows once per pass with everything else in a thread's cache, and
+the second keeps per-landmark maxima and sums instead of the ``[L, N]`` probabilities
+(its backward recomputes each block's weights).  Measured on the 2-core CPU (B = 1, H = 4,
+D = 64, N = 16,384, the two paths alternated in one process), forward+backward / forward
+without gradients: ``L = 64``: first product 30.9 -> 18.4 / 8.3 -> 5.8 ms, second 30.9 ->
+16.2 / 8.7 -> 5.3 ms; ``L = 256``: 87.5 -> 58.5 / 22.1 -> 18.0, 113.6 -> 62.0 / 24.8 -> 18.4
+ms.  Without the kernels, calls that need no gradient go to SDPA (:func:`masked_sdpa`: one
+pass, nothing kept); torch 2.13's fused SDPA was slower than these Functions in training
+(30 / 151 ms at N = 16,384 / 65,536 for the first product against 21 / 119, 35 / 175 for
+the second against 18 / 106).
 
 The long input (``q`` of the first, ``k`` of the second) may come with its sequence split
 over several dims, ``[B, H, S, N / S, D]`` — the segment view Nyströmformer's landmark
@@ -37,7 +43,13 @@ from typing import Optional
 
 import torch
 
+from effattn import native
 from effattn.mechanisms.exact import masked_sdpa
+
+#: whether the two products run on the native kernels where they serve (``landmarks.c``:
+#: float32 on the CPU, landmark count and widths multiples of the vector width); False:
+#: always the torch code below (their twin)
+USE_NATIVE_LANDMARKS = True
 
 #: score elements (all batch/head rows) per query chunk of :func:`queries_over_landmarks`
 CHUNK_SCORES = 1 << 20
@@ -92,6 +104,12 @@ class _QueriesOverLandmarks(torch.autograd.Function):
         q = _rows(q)
         B, H, N, _ = q.shape
         L = k.shape[2]
+        ctx.save_for_backward(q, k, v, key_valid)
+        ctx.scale = scale
+        if USE_NATIVE_LANDMARKS:
+            out = native.queries_over_landmarks(q, k, v, key_valid, scale)
+            if out is not None:
+                return out
         fill, empty = _key_bias(key_valid)
         ks = k * scale
         r = max(1, min(N, CHUNK_SCORES // max(1, B * H * L)))
@@ -102,8 +120,6 @@ class _QueriesOverLandmarks(torch.autograd.Function):
             p = _softmax_(torch.matmul(q[:, :, a:b], ks.transpose(-1, -2), out=_chunk(s, B, H, b - a, L)),
                           fill, empty)
             torch.matmul(p, v, out=out[:, :, a:b])
-        ctx.save_for_backward(q, k, v, key_valid)
-        ctx.scale = scale
         return out
 
     @staticmethod
@@ -118,6 +134,10 @@ class _QueriesOverLandmarks(torch.autograd.Function):
         r = max(1, min(N, CHUNK_SCORES // max(1, B * H * L)))
         dout = dout.contiguous()
         dq_out = torch.empty(ctx.q_shape, dtype=q.dtype, device=q.device)  # not a view (module doc)
+        if USE_NATIVE_LANDMARKS:
+            got = native.queries_over_landmarks_backward(q, k, v, key_valid, scale, dout, dq_out)
+            if got is not None:
+                return (dq_out, *got, None, None)
         dq = _rows(dq_out)
         dks = torch.zeros(B, H, L, D, dtype=q.dtype, device=q.device)
         dv = torch.zeros(B, H, L, Dv, dtype=q.dtype, device=q.device)
@@ -137,21 +157,38 @@ class _QueriesOverLandmarks(torch.autograd.Function):
         return dq_out, dks.mul_(scale), dv, None, None
 
 
+def _probabilities(q, k, key_valid, scale) -> torch.Tensor:
+    """The ``[B, H, L, N]`` softmax weights of :class:`_LandmarksOverKeys` (torch)."""
+    fill, empty = _key_bias(key_valid)
+    return _softmax_(torch.matmul(q * scale, _rows(k).transpose(-1, -2)), fill, empty)
+
+
 class _LandmarksOverKeys(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_valid, scale):
         ctx.k_shape = k.shape
-        fill, empty = _key_bias(key_valid)
-        p = _softmax_(torch.matmul(q * scale, _rows(k).transpose(-1, -2)), fill, empty)  # [B, H, L, N]
-        ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
+        if USE_NATIVE_LANDMARKS:
+            got = native.landmarks_over_keys(q, _rows(k), v, key_valid, scale)
+            if got is not None:  # the per-landmark statistics instead of the [L, N] weights
+                ctx.save_for_backward(q, k, v, key_valid, *got)
+                return got[0]
+        p = _probabilities(q, k, key_valid, scale)
+        ctx.save_for_backward(q, k, v, key_valid, p)
         return torch.matmul(p, v)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, p = ctx.saved_tensors
-        k = _rows(k)
+        q, k, v, key_valid, *kept = ctx.saved_tensors
         scale = ctx.scale
+        dout = dout.contiguous()
+        if len(kept) == 3:  # the native forward's out, m, z
+            dk = torch.empty(ctx.k_shape, dtype=k.dtype, device=k.device)  # not a view (module doc)
+            got = native.landmarks_over_keys_backward(q, _rows(k), v, key_valid, scale, *kept, dout, dk)
+            if got is not None:
+                return got[0], dk, got[1], None, None
+            kept = [_probabilities(q, k, key_valid, scale)]
+        p, k = kept[0], _rows(k)
         dv = torch.matmul(p.transpose(-1, -2), dout)
         ds = _softmax_backward_(torch.matmul(dout, v.transpose(-1, -2)), p)
         dq = torch.matmul(ds, k).mul_(scale)
@@ -188,7 +225,9 @@ def queries_over_landmarks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     output: one chunk of about :data:`CHUNK_SCORES` scores (two in the backward)."""
     _check(q, k, v, key_valid, "q")
     if not _needs_grad(q, k, v):
-        return masked_sdpa(_rows(q.contiguous()), k, v, key_valid, scale)
+        q = _rows(q.contiguous())
+        out = native.queries_over_landmarks(q, k, v, key_valid, scale) if USE_NATIVE_LANDMARKS else None
+        return masked_sdpa(q, k, v, key_valid, scale) if out is None else out
     return _QueriesOverLandmarks.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_valid,
                                        float(scale))
 
@@ -204,5 +243,7 @@ def landmarks_over_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``[B, H, L, N]`` probabilities (and as much again in the backward)."""
     _check(q, k, v, key_valid, "k")
     if not _needs_grad(q, k, v):
-        return masked_sdpa(q, _rows(k.contiguous()), v, key_valid, scale)
+        k = _rows(k.contiguous())
+        got = native.landmarks_over_keys(q, k, v, key_valid, scale) if USE_NATIVE_LANDMARKS else None
+        return masked_sdpa(q, k, v, key_valid, scale) if got is None else got[0]
     return _LandmarksOverKeys.apply(q, k.contiguous(), v, key_valid, float(scale))

@@ -24,7 +24,10 @@ gathered blocks), the softmax down the columns with a query per lane, masks from
 and distance rules, everything in a thread's cache (B=1, H=4, D=64, N = 16,384: BigBird
 forward 84 -> 50 ms, forward+backward 323 -> 180 ms).  :func:`efficient` and
 :func:`efficient_backward` (``efficient.c``) are Shen et al.'s efficient attention, each
-block of rows read once per pass instead of a chain of torch passes over it.  Each kernel here has a pure-torch twin that
+block of rows read once per pass instead of a chain of torch passes over it;
+:func:`queries_over_landmarks` and :func:`landmarks_over_keys` (``landmarks.c``, with their
+backwards) Nystromformer's two long products, the same way (``rowblocks.h``: the row-block
+products and the row and column softmaxes both files share).  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
 
 - no C compiler (``$CC``, else ``cc`` / ``gcc`` on ``PATH``), or it failed; not Linux or
@@ -58,7 +61,8 @@ import torch
 
 __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "lsh_chunks",
            "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
-           "efficient_backward"]
+           "efficient_backward", "queries_over_landmarks", "queries_over_landmarks_backward",
+           "landmarks_over_keys", "landmarks_over_keys_backward"]
 
 #: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
@@ -183,12 +187,16 @@ def _library():
     fn = lib.effattn_block_sparse_backward_f32
     fn.argtypes = ([ptr] * 13 + [ctypes.c_float] * 3 + [ptr] * 3 + [ctypes.c_int, ctypes.c_int])
     fn.restype = None
-    fn = lib.effattn_efficient_f32
-    fn.argtypes = [ptr] * 4 + [i64] * 6 + [ctypes.c_float] + [ptr] * 4 + [ctypes.c_int]
-    fn.restype = None
-    fn = lib.effattn_efficient_backward_f32
-    fn.argtypes = [ptr] * 4 + [i64] * 6 + [ctypes.c_float] + [ptr] * 7 + [ctypes.c_int]
-    fn.restype = None
+    f32, cint = ctypes.c_float, ctypes.c_int
+    # the row-block kernels: (q, k, v, validity, sizes..., scale or temperature, outputs...)
+    for name, sizes, outs in (("efficient_f32", 6, 4), ("efficient_backward_f32", 6, 7),
+                              ("queries_over_landmarks_f32", 7, 1),
+                              ("queries_over_landmarks_backward_f32", 7, 4),
+                              ("landmarks_over_keys_f32", 7, 3),
+                              ("landmarks_over_keys_backward_f32", 7, 7)):
+        fn = getattr(lib, f"effattn_{name}")
+        fn.argtypes = [ptr] * 4 + [i64] * sizes + [f32] + [ptr] * outs + [cint]
+        fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
     return lib
@@ -619,3 +627,109 @@ def efficient_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), B * H, H, Nq, Nk, D, Dv, t, c.data_ptr(),
         z.data_ptr(), C.data_ptr(), dout.data_ptr(), *map(_ptr, grads), torch.get_num_threads())
     return tuple(grads)
+
+
+def _landmarks_config(q, k, v, key_valid, short: str, more=()):
+    """The library, the validity bytes and their batch stride of one landmarks call, or
+    None where the kernels do not serve these tensors (see :func:`queries_over_landmarks`);
+    ``short``: which side has the ``L`` landmarks ("k": queries over landmarks, "q":
+    landmarks over keys)."""
+    lib = _library()
+    if lib is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    L = Nk if short == "k" else Nq
+    vw = lib.effattn_lsh_vector_width()
+    tensors = (q, k, v) + tuple(more)
+    if (any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or tuple(k.shape) != (B, H, Nk, D) or tuple(v.shape[:3]) != (B, H, Nk)
+            or D % vw or Dv % vw or L % vw or min(Nq, Nk, B * H) < 1 or max(Nq, Nk) >= 2 ** 31):
+        return None
+    if key_valid is None:
+        return lib, None, 0
+    if (key_valid.dtype != torch.bool or key_valid.device.type != "cpu" or key_valid.dim() != 4
+            or key_valid.shape[0] not in (1, B) or tuple(key_valid.shape[1:]) != (1, 1, Nk)):
+        return None  # per-head or per-query masks: the torch twin
+    kv = key_valid.reshape(key_valid.shape[0], Nk).contiguous()
+    return lib, kv, (Nk if key_valid.shape[0] > 1 else 0)
+
+
+def _landmarks_call(got, name, q, k, v, short: str, scale, *tensors) -> None:
+    """Calls kernel ``effattn_<name>_f32`` of landmarks.c: (q, k, v, validity, its batch
+    stride, BH, H, N, L, D, Dv, scale, ``tensors``..., threads)."""
+    lib, kv, kv_sb = got
+    B, H = q.shape[:2]
+    n, L = (q.shape[2], k.shape[2]) if short == "k" else (k.shape[2], q.shape[2])
+    getattr(lib, f"effattn_{name}_f32")(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), kv_sb, B * H, H, n, L, q.shape[3],
+        v.shape[3], scale, *(t.data_ptr() for t in tensors), torch.get_num_threads())
+
+
+def queries_over_landmarks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_valid: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
+    """``softmax(scale · q k^T) v`` for ``N`` queries over ``L`` landmark keys, fused
+    (``landmarks.c``; :class:`effattn.mechanisms._landmarks._QueriesOverLandmarks` is its
+    torch twin): ``q [B, H, N, D]``, ``k [B, H, L, D]``, ``v [B, H, L, Dv]`` float32
+    contiguous, ``key_valid`` bool ``[B|1, 1, 1, L]`` or None -> ``out [B, H, N, Dv]`` (a
+    query with no valid key: zeros).  None where it does not serve: not loaded, not
+    float32 contiguous on the CPU, gradients wanted, ``L``, ``D`` or ``Dv`` not a multiple
+    of the vector width (16 with AVX-512, else 8), an empty side, another mask shape."""
+    got = _landmarks_config(q, k, v, key_valid, "k")
+    if got is None:
+        return None
+    out = torch.empty(*q.shape[:3], v.shape[-1])
+    _landmarks_call(got, "queries_over_landmarks", q, k, v, "k", scale, out)
+    return out
+
+
+def queries_over_landmarks_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    key_valid: Optional[torch.Tensor], scale: float,
+                                    dout: torch.Tensor, dq: torch.Tensor):
+    """The gradients of :func:`queries_over_landmarks` for ``dout [B, H, N, Dv]``: ``dq``
+    (float32 contiguous, ``N · D`` elements a (batch, head), any shape) written, ``(dk, dv)``
+    returned; None (nothing written) where it does not serve."""
+    got = _landmarks_config(q, k, v, key_valid, "k", (dout,))
+    if got is None or tuple(dout.shape) != (*q.shape[:3], v.shape[-1]) or dq.dtype != torch.float32 \
+            or not dq.is_contiguous() or dq.numel() != q.numel():
+        return None
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _landmarks_call(got, "queries_over_landmarks_backward", q, k, v, "k", scale, dout, dq, dk, dv)
+    return dk, dv
+
+
+def landmarks_over_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_valid: Optional[torch.Tensor], scale: float):
+    """``softmax(scale · q k^T) v`` for ``L`` landmark queries over ``N`` keys, fused
+    (``landmarks.c``; :class:`effattn.mechanisms._landmarks._LandmarksOverKeys` is its
+    torch twin): ``q [B, H, L, D]``, ``k [B, H, N, D]``, ``v [B, H, N, Dv]`` float32
+    contiguous, ``key_valid`` bool ``[B|1, 1, 1, N]`` or None -> ``(out [B, H, L, Dv], m, z
+    [B, H, L])``: the output and each landmark's base-2 score maximum (``-inf``: no valid
+    key) and weight sum, which :func:`landmarks_over_keys_backward` takes.  Nothing ``[L,
+    N]`` is kept.  None where it does not serve (as :func:`queries_over_landmarks`)."""
+    got = _landmarks_config(q, k, v, key_valid, "q")
+    if got is None:
+        return None
+    out = torch.empty(*q.shape[:3], v.shape[-1])
+    m, z = torch.empty(q.shape[:3]), torch.empty(q.shape[:3])
+    _landmarks_call(got, "landmarks_over_keys", q, k, v, "q", scale, out, m, z)
+    return out, m, z
+
+
+def landmarks_over_keys_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 key_valid: Optional[torch.Tensor], scale: float, out: torch.Tensor,
+                                 m: torch.Tensor, z: torch.Tensor, dout: torch.Tensor,
+                                 dk: torch.Tensor):
+    """The gradients of :func:`landmarks_over_keys` from its ``out, m, z`` and ``dout [B,
+    H, L, Dv]``: ``dk`` (float32 contiguous, ``N · D`` elements a (batch, head), any shape)
+    written, ``(dq, dv)`` returned; None (nothing written) where it does not serve."""
+    got = _landmarks_config(q, k, v, key_valid, "q", (out, m, z, dout))
+    B, H, L, D = q.shape
+    if (got is None or tuple(dout.shape) != tuple(out.shape) or tuple(out.shape) != (B, H, L, v.shape[-1])
+            or tuple(m.shape) != (B, H, L) or tuple(z.shape) != (B, H, L) or dk.dtype != torch.float32
+            or not dk.is_contiguous() or dk.numel() != k.numel()):
+        return None
+    dq, dv = torch.empty_like(q), torch.empty_like(v)
+    _landmarks_call(got, "landmarks_over_keys_backward", q, k, v, "q", scale, out, m, z, dout, dq, dk, dv)
+    return dq, dv

@@ -22,106 +22,7 @@
  * Threads: the (batch, head)s' rows are split into parts, enough for every thread to have
  * work (a single head at N = 1M included); the sums over key rows (maxima, z, A) and over
  * query rows (dC) are taken per part and added after. */
-#include "vec.h"
-
-/* rows per block: a block's weights, values and products stay in L1/L2 */
-#define RB 64
-
-static const float LOG2E = 1.44269504088896341f;
-
-/* Parts each (batch, head)'s rows are split into: enough items for every thread (twice
- * over, so that an odd count of heads still shares evenly), at most one per row block. */
-static int64_t parts_of(int64_t BH, int64_t N, int nthreads) {
-    int64_t p = (2 * (int64_t)nthreads + BH - 1) / BH;
-    int64_t blocks = (N + RB - 1) / RB;
-    if (p > blocks) p = blocks;
-    return p < 1 ? 1 : p;
-}
-
-/* Rows lo .. hi - 1 of part `part` of `parts` over N rows, in whole row blocks. */
-static void part_rows(int64_t N, int64_t part, int64_t parts, int64_t *lo, int64_t *hi) {
-    int64_t blocks = (N + RB - 1) / RB;
-    *lo = blocks * part / parts * RB;
-    *hi = blocks * (part + 1) / parts * RB;
-    if (*hi > N) *hi = N;
-    if (*lo > N) *lo = N;
-}
-
-/* e [r][D] = 2^(tl x - cl) of key rows x [r][D] (0 for an invalid key). */
-static inline __attribute__((always_inline)) void key_weights(
-    const float *x, int64_t r, const int64_t D, const float *cl, float tl, const uint8_t *valid,
-    float *e) {
-    const vf tv = vsplat(tl);
-    for (int64_t j = 0; j < r; j++) {
-        if (valid != NULL && !valid[j]) {
-            memset(e + j * D, 0, sizeof(float) * D);
-            continue;
-        }
-        for (int64_t d = 0; d < D; d += VW)
-            vstore(e + j * D + d, vexp2(vload(x + j * D + d) * tv - vload(cl + d)));
-    }
-}
-
-/* p [r][D] = softmax over the features of t x for query rows x [r][D] (tl = t log2 e). */
-static inline __attribute__((always_inline)) void query_weights(
-    const float *x, int64_t r, const int64_t D, float tl, float *p) {
-    const vf tv = vsplat(tl);
-    for (int64_t i = 0; i < r; i++) {
-        const float *row = x + i * D;
-        float *pr = p + i * D;
-        vf mx = vload(row);
-        for (int64_t d = VW; d < D; d += VW) {
-            vf y = vload(row + d);
-            mx = vselect(y > mx, y, mx);
-        }
-        const vf m = vsplat(hmax(mx));
-        vf tot = vsplat(0.0f);
-        for (int64_t d = 0; d < D; d += VW) {
-            vf w = vexp2((vload(row + d) - m) * tv);
-            vstore(pr + d, w);
-            tot += w;
-        }
-        const vf inv = vsplat(1.0f / hsum(tot));
-        for (int64_t d = 0; d < D; d += VW) vstore(pr + d, vload(pr + d) * inv);
-    }
-}
-
-/* O [r][ncol] = X [r][K] Y [K][ncol] (rows of X at ldx, of O at ldo); r a multiple of 4. */
-static inline __attribute__((always_inline)) void rows_times(
-    const float *X, int64_t r, int64_t ldx, const int64_t K, float *Y, const int64_t ncol,
-    float *O, int64_t ldo) {
-    float *ys[1] = {Y};
-    for (int64_t i = 0; i < r; i += 4)
-        mm_rows4(1, (int)K, X + i * ldx, (int)ldx, 1, ys, (int)ncol, ncol / VW, O + i * ldo,
-                 (int)ldo, 0);
-}
-
-/* S [K][ncol] += X^T Y over r rows: X [r][K], Y [r][ncol] (K a multiple of 4). */
-static inline __attribute__((always_inline)) void add_transposed_times(
-    const float *X, int64_t r, const int64_t K, float *Y, const int64_t ncol, float *S) {
-    float *ys[1] = {Y};
-    for (int64_t d = 0; d < K; d += 4)
-        mm_rows4(1, (int)r, X + d, 1, (int)K, ys, (int)ncol, ncol / VW, S + d * ncol, (int)ncol, 1);
-}
-
-/* Rows of x [n][len] from row a, r of them: the rows themselves when r is a multiple of 4,
- * else copied into buf with zero rows up to the next multiple of 4. */
-static inline const float *rows4(const float *x, int64_t a, int64_t r, int64_t len, float *buf) {
-    if (r % 4 == 0) return x + a * len;
-    memcpy(buf, x + a * len, sizeof(float) * r * len);
-    memset(buf + r * len, 0, sizeof(float) * (((r + 3) & ~(int64_t)3) - r) * len);
-    return buf;
-}
-
-/* The output rows a .. a + r - 1 of o [n][len]: o's own rows when r is a multiple of 4,
- * else buf (copied to o by put_rows). */
-static inline float *out_rows(float *o, int64_t a, int64_t r, int64_t len, float *buf) {
-    return r % 4 == 0 ? o + a * len : buf;
-}
-
-static inline void put_rows(float *o, int64_t a, int64_t r, int64_t len, const float *buf) {
-    if (r % 4) memcpy(o + a * len, buf, sizeof(float) * r * len);
-}
+#include "rowblocks.h"
 
 /* ------------------------------------------------------------------------------ forward */
 
@@ -141,34 +42,10 @@ static inline __attribute__((always_inline)) void key_sums_part(
     for (int64_t d = 0; d < D; d++) m[d] = -INFINITY;
     memset(z, 0, sizeof(float) * D);
     memset(A, 0, sizeof(float) * D * Dv);
-    float *mt = e + RB * D; /* the block's maxima, then tl m */
     for (int64_t a = lo; a < hi; a += RB) {
         const int64_t r = hi - a < RB ? hi - a : RB;
-        const float *x = kb + a * D;
-        for (int64_t d = 0; d < D; d++) mt[d] = -INFINITY;
-        for (int64_t j = 0; j < r; j++) {
-            if (kv != NULL && !kv[a + j]) continue;
-            for (int64_t d = 0; d < D; d += VW) {
-                vf y = vload(x + j * D + d), mb = vload(mt + d);
-                vstore(mt + d, vselect(y > mb, y, mb));
-            }
-        }
-        for (int64_t d = 0; d < D; d++) {
-            if (mt[d] > m[d]) { /* a new maximum: the sums so far scaled down to it */
-                const float f = m[d] == -INFINITY ? 0.0f : exp2f(tl * (m[d] - mt[d]));
-                z[d] *= f;
-                for (int64_t x2 = 0; x2 < Dv; x2++) A[d * Dv + x2] *= f;
-                m[d] = mt[d];
-            }
-            mt[d] = m[d] == -INFINITY ? 0.0f : tl * m[d];
-        }
-        key_weights(x, r, D, mt, tl, kv ? kv + a : NULL, e);
-        for (int64_t d = 0; d < D; d += VW) {
-            vf s = vload(z + d);
-            for (int64_t j = 0; j < r; j++) s += vload(e + j * D + d);
-            vstore(z + d, s);
-        }
-        add_transposed_times(e, r, D, (float *)(vb + a * Dv), Dv, A);
+        column_block_sums(kb + a * D, r, D, tl, kv ? kv + a : NULL, m, z, A, vb + a * Dv, Dv, e,
+                          e + RB * D);
     }
 }
 
@@ -180,11 +57,9 @@ static inline __attribute__((always_inline)) void query_out_range(
     for (int64_t it = lo; it < hi; it++) {
         const int64_t bh = it / nqb, a = (it % nqb) * RB;
         const int64_t r = Nq - a < RB ? Nq - a : RB, r4 = (r + 3) & ~(int64_t)3;
-        query_weights(q + (bh * Nq + a) * D, r, D, tl, p);
+        row_softmax(q + (bh * Nq + a) * D, r, D, tl, NULL, p);
         memset(p + r * D, 0, sizeof(float) * (r4 - r) * D);
-        float *o = out_rows(out + bh * Nq * Dv, a, r, Dv, obuf);
-        rows_times(p, r4, D, D, (float *)(C + bh * D * Dv), Dv, o, Dv);
-        put_rows(out + bh * Nq * Dv, a, r, Dv, obuf);
+        rows_times_at(p, r, D, D, C + bh * D * Dv, Dv, out + bh * Nq * Dv, a, obuf);
     }
 }
 
@@ -214,24 +89,10 @@ static void forward_keys(const float *k, const float *v, const uint8_t *kvalid, 
         free(e);
     }
     for (int64_t bh = 0; bh < BH; bh++) {
-        float *zb = z + bh * D, *Cb = C + bh * D * Dv;
-        for (int64_t d = 0; d < D; d++) {
-            float mx = -INFINITY;
-            for (int64_t p = 0; p < parts; p++) mx = fmaxf(mx, mp[(bh * parts + p) * D + d]);
-            float zs = 0.0f;
-            for (int64_t x = 0; x < Dv; x++) Cb[d * Dv + x] = 0.0f;
-            for (int64_t p = 0; p < parts; p++) {
-                const int64_t i = bh * parts + p;
-                if (mp[i * D + d] == -INFINITY) continue; /* no valid key in the part */
-                const float f = exp2f(tl * (mp[i * D + d] - mx));
-                zs += zp[i * D + d] * f;
-                for (int64_t x = 0; x < Dv; x++) Cb[d * Dv + x] += Ap[(i * D + d) * Dv + x] * f;
-            }
-            zb[d] = zs;
-            c[bh * D + d] = mx == -INFINITY ? 0.0f : t * mx; /* no valid key: any shift */
-            const float inv = zs == 0.0f ? 1.0f : 1.0f / zs;
-            for (int64_t x = 0; x < Dv; x++) Cb[d * Dv + x] *= inv;
-        }
+        float *cb = c + bh * D;
+        merge_column_parts(mp + bh * parts * D, zp + bh * parts * D, Ap + bh * parts * D * Dv, parts,
+                           D, Dv, tl, cb, z + bh * D, C + bh * D * Dv);
+        for (int64_t d = 0; d < D; d++) cb[d] = cb[d] == -INFINITY ? 0.0f : t * cb[d]; /* no valid key: any shift */
     }
     free(mp);
     free(zp);
@@ -274,23 +135,14 @@ static inline __attribute__((always_inline)) void query_grads_part(
     part_rows(Nq, item % parts, parts, &lo, &hi);
     const float *qb = q + bh * Nq * D, *gb = dout + bh * Nq * Dv;
     const float tl = t * LOG2E;
-    const vf tv = vsplat(t);
     memset(dC, 0, sizeof(float) * D * Dv);
     for (int64_t a = lo; a < hi; a += RB) {
         const int64_t r = hi - a < RB ? hi - a : RB, r4 = (r + 3) & ~(int64_t)3;
-        query_weights(qb + a * D, r, D, tl, p);
+        row_softmax(qb + a * D, r, D, tl, NULL, p);
         add_transposed_times(p, r, D, (float *)(gb + a * Dv), Dv, dC);
         if (dq == NULL) continue;
         rows_times(rows4(gb, a, r, Dv, gbuf), r4, Dv, Dv, (float *)Ct, D, dp, D);
-        float *dqb = dq + (bh * Nq + a) * D;
-        for (int64_t i = 0; i < r; i++) {
-            const float *pr = p + i * D, *dpr = dp + i * D;
-            vf s = vsplat(0.0f);
-            for (int64_t d = 0; d < D; d += VW) s += vload(pr + d) * vload(dpr + d);
-            const vf sv = vsplat(hsum(s));
-            for (int64_t d = 0; d < D; d += VW)
-                vstore(dqb + i * D + d, tv * vload(pr + d) * (vload(dpr + d) - sv));
-        }
+        row_softmax_grad(p, dp, r, D, t, dq + (bh * Nq + a) * D, D);
     }
 }
 
@@ -309,21 +161,18 @@ static inline __attribute__((always_inline)) void key_grads_part(
     const vf tv = vsplat(t);
     for (int64_t a = lo; a < hi; a += RB) {
         const int64_t r = hi - a < RB ? hi - a : RB, r4 = (r + 3) & ~(int64_t)3;
-        key_weights(kb + a * D, r, D, cl, tl, kv ? kv + a : NULL, e);
+        column_weights(kb + a * D, r, D, tl, cl, kv ? kv + a : NULL, e);
         memset(e + r * D, 0, sizeof(float) * (r4 - r) * D);
-        if (dv != NULL) {
-            float *dvb = dv + bh * Nk * Dv;
-            float *o = out_rows(dvb, a, r, Dv, obuf);
+        float *dvb = dv ? dv + bh * Nk * Dv : NULL, *o = dv ? out_rows(dvb, a, r, Dv, obuf) : NULL;
+        if (dk == NULL) {
             rows_times(e, r4, D, D, (float *)dA, Dv, o, Dv);
-            put_rows(dvb, a, r, Dv, obuf);
+        } else {
+            column_grads(e, r4, D, rows4(vb, a, r, Dv, vbuf), Dv, dA, dAt, dz, o, Dv, de);
+            float *dkb = dk + (bh * Nk + a) * D;
+            for (int64_t j = 0; j < r; j++)
+                for (int64_t d = 0; d < D; d += VW) vstore(dkb + j * D + d, tv * vload(de + j * D + d));
         }
-        if (dk == NULL) continue;
-        rows_times(rows4(vb, a, r, Dv, vbuf), r4, Dv, Dv, (float *)dAt, D, de, D);
-        float *dkb = dk + (bh * Nk + a) * D;
-        for (int64_t j = 0; j < r; j++)
-            for (int64_t d = 0; d < D; d += VW)
-                vstore(dkb + j * D + d,
-                       tv * vload(e + j * D + d) * (vload(de + j * D + d) + vload(dz + d)));
+        if (dv != NULL) put_rows(dvb, a, r, Dv, obuf);
     }
 }
 
