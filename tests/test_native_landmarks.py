@@ -37,7 +37,7 @@ def _run(fn, q, k, v, key_valid, scale, use_native, seed):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_landmarks, "USE_NATIVE_LANDMARKS", use_native)
         out = fn(*xs, key_valid, scale)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)  # alike in float32 and 64
         grads = torch.autograd.grad(out, xs, g)
     return out.detach(), grads
 
