@@ -93,6 +93,32 @@ static inline __attribute__((always_inline)) void column_weights(
     }
 }
 
+/* mt [F] = the maxima down the columns of rows x [r][F] (rows valid marks invalid left
+ * out; -inf where none is left): a column vector at a time, four rows at a time into
+ * separate registers (through memory, each row's maxima waited on the last one's store). */
+static inline __attribute__((always_inline)) void column_max(const float *x, int64_t r,
+                                                             const int64_t F, const uint8_t *valid,
+                                                             float *mt) {
+    const vf ninf = vsplat(-INFINITY);
+    for (int64_t c = 0; c < F; c += VW) {
+        vf m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+        if (valid == NULL) {
+            int64_t j = 0;
+            for (; j + 4 <= r; j += 4) {
+                m0 = vmax(vload(x + j * F + c), m0);
+                m1 = vmax(vload(x + (j + 1) * F + c), m1);
+                m2 = vmax(vload(x + (j + 2) * F + c), m2);
+                m3 = vmax(vload(x + (j + 3) * F + c), m3);
+            }
+            for (; j < r; j++) m0 = vmax(vload(x + j * F + c), m0);
+        } else {
+            for (int64_t j = 0; j < r; j++)
+                if (valid[j]) m0 = vmax(vload(x + j * F + c), m0);
+        }
+        vstore(mt + c, vmax(vmax(m0, m1), vmax(m2, m3)));
+    }
+}
+
 /* One block of an online softmax down the columns: rows x [r][F] (scores 2^(f x), the
  * rows valid marks invalid left out) raise the running column maxima m [F] (x units; -inf
  * while a column has no row), the sums so far z [F] and A [F][Dv] are rescaled where
@@ -101,14 +127,7 @@ static inline __attribute__((always_inline)) void column_weights(
 static inline __attribute__((always_inline)) void column_block_sums(
     const float *x, int64_t r, const int64_t F, float f, const uint8_t *valid, float *m, float *z,
     float *A, const float *V, const int64_t Dv, float *e, float *mt) {
-    for (int64_t c = 0; c < F; c++) mt[c] = -INFINITY;
-    for (int64_t j = 0; j < r; j++) {
-        if (valid != NULL && !valid[j]) continue;
-        for (int64_t c = 0; c < F; c += VW) {
-            vf y = vload(x + j * F + c), mb = vload(mt + c);
-            vstore(mt + c, vselect(y > mb, y, mb));
-        }
-    }
+    column_max(x, r, F, valid, mt);
     for (int64_t c = 0; c < F; c++) {
         if (mt[c] > m[c]) { /* a new maximum: the sums so far scaled down to it */
             const float s = m[c] == -INFINITY ? 0.0f : exp2f(f * (m[c] - mt[c]));
@@ -167,50 +186,81 @@ static inline __attribute__((always_inline)) void column_grads(
 /* ----------------------------------------------------------- softmax along rows of blocks */
 
 /* p [r][F] = softmax along each row of 2^(f x) for rows x [r][F], columns that cvalid
- * marks invalid (0) left out (NULL: none); a row with no valid column gets zeros. */
+ * marks invalid (0) left out (NULL: none); a row with no valid column gets zeros.  Rows
+ * go in groups of VW, their maxima and sums reduced across lanes together (hmax_lanes,
+ * hsum_lanes): rows of 64 are 4 vectors, and a reduction per row cost as much as the rest
+ * of its softmax. */
 static inline __attribute__((always_inline)) void row_softmax(
     const float *x, int64_t r, const int64_t F, float f, const int32_t *cvalid, float *p) {
-    const vf fv = vsplat(f), ninf = vsplat(-INFINITY);
-    for (int64_t i = 0; i < r; i++) {
-        const float *row = x + i * F;
-        float *pr = p + i * F;
-        vf mx = ninf;
-        for (int64_t c = 0; c < F; c += VW) {
-            vf y = vload(row + c);
-            if (cvalid != NULL) y = vselect(viload(cvalid + c), y, ninf);
-            mx = vselect(y > mx, y, mx);
+    const vf fv = vsplat(f), ninf = vsplat(-INFINITY), zero = vsplat(0.0f);
+    for (int64_t i0 = 0; i0 < r; i0 += VW) {
+        const int64_t g = r - i0 < VW ? r - i0 : VW;
+        vf acc[VW];
+        float m[VW], inv[VW];
+        for (int64_t i = 0; i < VW; i++) {
+            vf mx = ninf;
+            if (i < g)
+                for (int64_t c = 0; c < F; c += VW) {
+                    vf y = vload(x + (i0 + i) * F + c);
+                    if (cvalid != NULL) y = vselect(viload(cvalid + c), y, ninf);
+                    mx = vmax(y, mx);
+                }
+            acc[i] = mx;
         }
-        const float m = hmax(mx);
-        if (m == -INFINITY) { /* no valid column */
-            memset(pr, 0, sizeof(float) * F);
-            continue;
+        vstore(m, hmax_lanes(acc));
+        for (int64_t i = 0; i < VW; i++) {
+            vf tot = zero;
+            if (i < g && m[i] != -INFINITY) {
+                const float *row = x + (i0 + i) * F;
+                float *pr = p + (i0 + i) * F;
+                const vf mv = vsplat(m[i]);
+                for (int64_t c = 0; c < F; c += VW) {
+                    vf w = vexp2((vload(row + c) - mv) * fv);
+                    if (cvalid != NULL) w = vselect(viload(cvalid + c), w, zero);
+                    vstore(pr + c, w);
+                    tot += w;
+                }
+            }
+            acc[i] = tot;
         }
-        const vf mv = vsplat(m);
-        vf tot = vsplat(0.0f);
-        for (int64_t c = 0; c < F; c += VW) {
-            vf w = vexp2((vload(row + c) - mv) * fv);
-            if (cvalid != NULL) w = vselect(viload(cvalid + c), w, vsplat(0.0f));
-            vstore(pr + c, w);
-            tot += w;
+        vstore(inv, 1.0f / hsum_lanes(acc));
+        for (int64_t i = 0; i < g; i++) {
+            float *pr = p + (i0 + i) * F;
+            if (m[i] == -INFINITY) { /* no valid column */
+                memset(pr, 0, sizeof(float) * F);
+                continue;
+            }
+            const vf iv = vbcast(inv + i);
+            for (int64_t c = 0; c < F; c += VW) vstore(pr + c, vload(pr + c) * iv);
         }
-        const vf inv = vsplat(1.0f / hsum(tot));
-        for (int64_t c = 0; c < F; c += VW) vstore(pr + c, vload(pr + c) * inv);
     }
 }
 
 /* out [r][F] (rows of ldo) = factor p (dp - <dp, p>) along each row: the gradient of the
- * scores under row_softmax (factor: the scores' scale), in place where out is dp. */
+ * scores under row_softmax (factor: the scores' scale), in place where out is dp.  The
+ * dot products of VW rows are reduced across lanes together (as in row_softmax). */
 static inline __attribute__((always_inline)) void row_softmax_grad(
     const float *p, const float *dp, int64_t r, const int64_t F, float factor, float *out,
     int64_t ldo) {
     const vf fv = vsplat(factor);
-    for (int64_t i = 0; i < r; i++) {
-        const float *pr = p + i * F, *dpr = dp + i * F;
-        vf s = vsplat(0.0f);
-        for (int64_t c = 0; c < F; c += VW) s += vload(pr + c) * vload(dpr + c);
-        const vf sv = vsplat(hsum(s));
-        for (int64_t c = 0; c < F; c += VW)
-            vstore(out + i * ldo + c, fv * vload(pr + c) * (vload(dpr + c) - sv));
+    for (int64_t i0 = 0; i0 < r; i0 += VW) {
+        const int64_t g = r - i0 < VW ? r - i0 : VW;
+        vf acc[VW];
+        float dot[VW];
+        for (int64_t i = 0; i < VW; i++) {
+            vf s = vsplat(0.0f);
+            if (i < g)
+                for (int64_t c = 0; c < F; c += VW)
+                    s += vload(p + (i0 + i) * F + c) * vload(dp + (i0 + i) * F + c);
+            acc[i] = s;
+        }
+        vstore(dot, hsum_lanes(acc));
+        for (int64_t i = 0; i < g; i++) {
+            const float *pr = p + (i0 + i) * F, *dpr = dp + (i0 + i) * F;
+            const vf sv = vbcast(dot + i);
+            for (int64_t c = 0; c < F; c += VW)
+                vstore(out + (i0 + i) * ldo + c, fv * vload(pr + c) * (vload(dpr + c) - sv));
+        }
     }
 }
 

@@ -11,6 +11,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -40,6 +43,18 @@ static inline __attribute__((always_inline)) vf vbcast(const float *p) {
 #endif
 }
 static inline vf vselect(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+
+/* a > b ? a : b lane-wise (b where either is NaN): one max instruction on x86, where GCC
+ * turns the select into a compare, a mask move and bit operations. */
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__) && VW == 8
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return vselect(a > b, a, b);
+#endif
+}
 
 /* 2^x for x <= 0 (scores minus their row maximum; -inf gives 0): x = n + f with n the
  * integer part (toward zero, so f in (-1, 0]), 2^f = 2^-0.5 * 2^(f + 0.5) by a degree-6
@@ -127,6 +142,46 @@ static inline float hmax(vf x) {
     float m0 = b[2] > b[0] ? b[2] : b[0], m1 = b[3] > b[1] ? b[3] : b[1];
     return m1 > m0 ? m1 : m0;
 }
+
+/* VW horizontal sums (maxima) at once: lane i of the result = hsum(x[i]) (hmax), by a
+ * butterfly of VW - 1 lane-wise steps on pairs of vectors (a row of 64 floats: 4 of them)
+ * instead of a dependent shuffle chain and a scalar per vector.  The butterfly leaves row
+ * bitrev(j) in lane j, so the rows are read in that order. */
+#if VW == 16
+static const int BITREV_[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+#define LANES_TREE_(OP)                                                                        \
+    vf u[8], w[4], y[2];                                                                       \
+    for (int i = 0; i < 8; i++) {                                                              \
+        const vf a = x[BITREV_[2 * i]], b = x[BITREV_[2 * i + 1]];                             \
+        u[i] = OP(__builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23), \
+                  __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)); \
+    }                                                                                          \
+    for (int i = 0; i < 4; i++)                                                                \
+        w[i] = OP(__builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27), \
+                  __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31)); \
+    for (int i = 0; i < 2; i++)                                                                \
+        y[i] = OP(__builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29), \
+                  __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31)); \
+    return OP(__builtin_shufflevector(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30), \
+              __builtin_shufflevector(y[0], y[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
+#else
+static const int BITREV_[8] = {0, 4, 2, 6, 1, 5, 3, 7};
+#define LANES_TREE_(OP)                                                                        \
+    vf u[4], w[2];                                                                             \
+    for (int i = 0; i < 4; i++) {                                                              \
+        const vf a = x[BITREV_[2 * i]], b = x[BITREV_[2 * i + 1]];                             \
+        u[i] = OP(__builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11),                     \
+                  __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15));                  \
+    }                                                                                          \
+    for (int i = 0; i < 2; i++)                                                                \
+        w[i] = OP(__builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),   \
+                  __builtin_shufflevector(u[2 * i], u[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15)); \
+    return OP(__builtin_shufflevector(w[0], w[1], 0, 8, 2, 10, 4, 12, 6, 14),                  \
+              __builtin_shufflevector(w[0], w[1], 1, 9, 3, 11, 5, 13, 7, 15));
+#endif
+#define LANES_ADD_(a, b) ((a) + (b))
+static inline __attribute__((always_inline)) vf hsum_lanes(const vf *x) { LANES_TREE_(LANES_ADD_) }
+static inline __attribute__((always_inline)) vf hmax_lanes(const vf *x) { LANES_TREE_(vmax) }
 #else
 static inline float hmax(vf x) {
     float h[VW];
@@ -142,6 +197,18 @@ static inline float hsum(vf x) {
     for (int w = VW / 2; w > 0; w /= 2)
         for (int i = 0; i < w; i++) h[i] += h[i + w];
     return h[0];
+}
+
+static inline vf hsum_lanes(const vf *x) {
+    float h[VW];
+    for (int i = 0; i < VW; i++) h[i] = hsum(x[i]);
+    return vload(h);
+}
+
+static inline vf hmax_lanes(const vf *x) {
+    float h[VW];
+    for (int i = 0; i < VW; i++) h[i] = hmax(x[i]);
+    return vload(h);
 }
 #endif
 
