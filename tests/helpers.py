@@ -49,3 +49,25 @@ def record_served(monkeypatch, module, names):
     for name in names:
         monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     return got
+
+
+def nystrom_native_and_twin(module, flag: str, cut: int):
+    """Output and input gradients of ``effattn.attention(..., "nystrom")`` (B=2, H=2,
+    N=256, D=64, 32 landmarks, batch 1 padded from ``cut``; a loss of ones) with
+    ``module.<flag>`` True, then False: ``[[out, dq, dk, dv] (native), [...] (twin)]``."""
+    import effattn
+    import pytest
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 256, 64, generator=g) for _ in range(3))
+    pm = torch.ones(2, 256, dtype=torch.bool)
+    pm[1, cut:] = False
+    res = []
+    for use in (True, False):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, flag, use)
+            out = effattn.attention(*xs, "nystrom", padding_mask=pm, n_landmarks=32)
+            out.backward(torch.ones_like(out))
+        res.append([out.detach()] + [x.grad for x in xs])
+    return res

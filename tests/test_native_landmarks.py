@@ -10,10 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import effattn
 from effattn import native
 from effattn.mechanisms import _landmarks
-from tests.helpers import record_served
+from tests.helpers import nystrom_native_and_twin, record_served
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
@@ -121,18 +120,7 @@ def test_native_landmark_products_split_rows_over_threads_alike(threads):
 def test_nystrom_runs_on_the_kernels_and_matches_the_twin(calls):
     """``effattn.attention(..., "nystrom")`` with padding runs both products on the kernels
     (forward and backward) and equals the torch twins."""
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(2, 2, 256, 64, generator=g) for _ in range(3))
-    pm = torch.ones(2, 256, dtype=torch.bool)
-    pm[1, 200:] = False
-    res = []
-    for use in (True, False):
-        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_landmarks, "USE_NATIVE_LANDMARKS", use)
-            out = effattn.attention(*xs, "nystrom", padding_mask=pm, n_landmarks=32)
-            out.backward(torch.ones_like(out))
-        res.append([out.detach()] + [x.grad for x in xs])
+    res = nystrom_native_and_twin(_landmarks, "USE_NATIVE_LANDMARKS", 200)
     assert [c for c in calls if c[1]] == [(n, True) for n in ("landmarks_over_keys", "queries_over_landmarks",
                                                                "queries_over_landmarks_backward",
                                                                "landmarks_over_keys_backward")]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effattn import native
 from effattn.api import prepare, register, spec
 from effattn.mechanisms._landmarks import landmarks_over_keys, queries_over_landmarks
 from effattn.mechanisms.exact import masked_sdpa
@@ -252,6 +253,57 @@ def iterative_pinv(K: torch.Tensor, iters: int) -> torch.Tensor:
     return Z
 
 
+def _nystrom_core_torch(ql, kl, k3v, k_valid, q_valid, scale: float, iters: int) -> torch.Tensor:
+    """:func:`nystrom_core` in torch (autograd differentiates it)."""
+    k2, _ = softmax_lse((torch.matmul(ql, kl.transpose(-1, -2)) * scale)
+                        .masked_fill(~k_valid[:, None, None, :], float("-inf")))
+    q_rows = q_valid[:, None, :, None].to(ql.dtype)  # empty query landmarks contribute nothing
+    return torch.matmul(iterative_pinv(k2 * q_rows, iters), k3v * q_rows)
+
+
+class _NystromCore(torch.autograd.Function):
+    """:func:`nystrom_core` on the native kernel (``nystrom_core.c``), whose backward runs
+    the forward again and the chain rule through the iterations in one call."""
+
+    @staticmethod
+    def forward(ctx, ql, kl, k3v, k_valid, q_valid, scale, iters):
+        ctx.save_for_backward(ql, kl, k3v, k_valid, q_valid)
+        ctx.scale, ctx.iters = scale, iters
+        return native.nystrom_core(ql, kl, k3v, k_valid, q_valid, scale, iters)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dw):
+        ql, kl, k3v, k_valid, q_valid = ctx.saved_tensors
+        got = native.nystrom_core_backward(ql, kl, k3v, k_valid, q_valid, ctx.scale, ctx.iters,
+                                           dw.contiguous())
+        return (*got, None, None, None, None)
+
+
+USE_NATIVE_CORE = True  # False: always the torch twin (tests compare the two)
+
+
+def nystrom_core(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor, k_valid: torch.Tensor,
+                 q_valid: torch.Tensor, scale: float, iters: int) -> torch.Tensor:
+    """The landmarks' part of Nyströmformer: ``pinv(K) (k3v · q_valid)`` with ``K =
+    softmax(scale · ql kl^T)`` (columns of empty key landmarks left out, rows of empty query
+    landmarks zeroed) and :func:`iterative_pinv`.
+
+    ``ql, kl [B, H, L, D]``, ``k3v [B, H, L, Dv]``, ``k_valid`` / ``q_valid`` bool ``[B|1,
+    L]`` (False: an empty segment) -> ``[B, H, L, Dv]``.  Float32 on the CPU (``L``, ``D``,
+    ``Dv`` multiples of the vector width) runs on one native call each way
+    (``effattn/native/nystrom_core.c``): in torch these ``L x L`` steps are ~30 small
+    operations forward and ~100 in the backward, dominated by dispatch (3.2 ms forward +
+    backward at ``L = 64``, ``B·H = 4`` on the 2-core CPU).
+    """
+    ql, kl, k3v = ql.contiguous(), kl.contiguous(), k3v.contiguous()
+    if USE_NATIVE_CORE and native.nystrom_core_serves(ql, kl, k3v, k_valid, q_valid):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (ql, kl, k3v)):
+            return _NystromCore.apply(ql, kl, k3v, k_valid, q_valid, float(scale), int(iters))
+        return native.nystrom_core(ql, kl, k3v, k_valid, q_valid, float(scale), int(iters))
+    return _nystrom_core_torch(ql, kl, k3v, k_valid, q_valid, scale, iters)
+
+
 def _check_conv_weight(w, H: int) -> torch.Tensor:
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError("conv_weight: expected a floating tensor [H, kernel] or [kernel]")
@@ -301,16 +353,12 @@ def nystrom_attention(q, k, v, *, causal=False, padding_mask=None, scale, return
     ql, q_ne, q_src = segment_means(qs, L, q_valid, with_source=True)
     qs = q_src if q_valid is None else qs
     kl, k_ne, ks = segment_means(ks, L, padding_mask, with_source=True)
-    k_cols = k_ne[:, None, None, :]  # [B|1, 1, 1, L]
-    k2, _ = softmax_lse((torch.matmul(ql, kl.transpose(-1, -2)) * scale).masked_fill(~k_cols, float("-inf")))
-    q_rows = q_ne[:, None, :, None].to(cdt)  # empty query landmarks contribute nothing
-    k2 = k2 * q_rows
     # softmax(Q̃ K^T) V and softmax(Q K̃^T) W: exact attention with a short side
     # (mechanisms/_landmarks.py), no [Nq, Nk] matrix
     k3v = landmarks_over_keys(ql, ks, vs, None if padding_mask is None else padding_mask[:, None, None, :],
-                              scale) * q_rows  # [B, H, L, Dv]
-    w = torch.matmul(iterative_pinv(k2, pinv_iters), k3v)  # [B, H, L, Dv]
-    out = queries_over_landmarks(qs, kl, w, k_cols, scale)
+                              scale)  # [B, H, L, Dv]
+    w = nystrom_core(ql, kl, k3v, k_ne, q_ne, scale, pinv_iters)  # [B, H, L, Dv]
+    out = queries_over_landmarks(qs, kl, w, k_ne[:, None, None, :], scale)
     if conv_weight is not None:
         ks_ = conv_weight.shape[1]
         w = conv_weight.to(device=q.device, dtype=cdt)[:, None, :, None]  # [H, 1, ks, 1]

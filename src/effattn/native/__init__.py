@@ -197,6 +197,10 @@ def _library():
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 4 + [i64] * sizes + [f32] + [ptr] * outs + [cint]
         fn.restype = None
+    for name, outs in (("nystrom_core_f32", 1), ("nystrom_core_backward_f32", 4)):
+        fn = getattr(lib, f"effattn_{name}")
+        fn.argtypes = [ptr] * 3 + [ptr, i64] * 2 + [i64] * 5 + [f32, i64] + [ptr] * outs + [cint]
+        fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
     return lib
@@ -733,3 +737,74 @@ def landmarks_over_keys_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq, dv = torch.empty_like(q), torch.empty_like(v)
     _landmarks_call(got, "landmarks_over_keys_backward", q, k, v, "q", scale, out, m, z, dout, dq, dk, dv)
     return dq, dv
+
+
+def _core_config(ql, kl, k3v, k_valid, q_valid, more=()):
+    """The library and the two validity rows (uint8 ``[B|1, L]`` or None) with their batch
+    strides for a :func:`nystrom_core` call, or None where the kernel does not serve."""
+    lib = _library()
+    if lib is None or ql.dim() != 4:
+        return None
+    B, H, L, D = ql.shape
+    Dv = k3v.shape[-1]
+    vw = lib.effattn_lsh_vector_width()
+    if (any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+            for t in (ql, kl, k3v) + tuple(more))
+            or tuple(kl.shape) != (B, H, L, D) or tuple(k3v.shape) != (B, H, L, Dv)
+            or L % vw or D % vw or Dv % vw or min(L, B * H) < 1):
+        return None
+    rows = []
+    for m in (k_valid, q_valid):
+        if m is None:
+            rows += [None, 0]
+            continue
+        if (m.dtype != torch.bool or m.device.type != "cpu" or m.dim() != 2
+                or m.shape[0] not in (1, B) or m.shape[1] != L):
+            return None
+        rows += [m.contiguous().view(torch.uint8), L if m.shape[0] > 1 else 0]
+    return lib, rows
+
+
+def nystrom_core_serves(ql, kl, k3v, k_valid, q_valid) -> bool:
+    """Whether :func:`nystrom_core` runs natively for these tensors."""
+    return _core_config(ql, kl, k3v, k_valid, q_valid) is not None
+
+
+def nystrom_core(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
+                 k_valid: Optional[torch.Tensor], q_valid: Optional[torch.Tensor], scale: float,
+                 iters: int) -> Optional[torch.Tensor]:
+    """Nyströmformer's landmark part ``pinv(softmax(scale · ql kl^T)) k3v`` fused
+    (``nystrom_core.c``; :func:`effattn.mechanisms.lowrank.nystrom_core` has the torch twin):
+    ``ql, kl [B, H, L, D]``, ``k3v [B, H, L, Dv]`` float32 contiguous, ``k_valid`` /
+    ``q_valid`` bool ``[B|1, L]`` or None (False: an empty key / query landmark: a column
+    left out of the softmax / a row zeroed) -> ``w [B, H, L, Dv]``.  None where it does not
+    serve: not loaded, not float32 contiguous on the CPU, ``L``, ``D`` or ``Dv`` not a
+    multiple of the vector width."""
+    got = _core_config(ql, kl, k3v, k_valid, q_valid)
+    if got is None:
+        return None
+    lib, (kc, kc_sb, qr, qr_sb) = got
+    B, H, L, D = ql.shape
+    w = torch.empty(B, H, L, k3v.shape[-1])
+    lib.effattn_nystrom_core_f32(ql.data_ptr(), kl.data_ptr(), k3v.data_ptr(), _ptr(kc), kc_sb, _ptr(qr),
+                                 qr_sb, B * H, H, L, D, k3v.shape[-1], scale, iters, w.data_ptr(),
+                                 torch.get_num_threads())
+    return w
+
+
+def nystrom_core_backward(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
+                          k_valid: Optional[torch.Tensor], q_valid: Optional[torch.Tensor],
+                          scale: float, iters: int, dw: torch.Tensor):
+    """The gradients ``(dql, dkl, dk3v)`` of :func:`nystrom_core` for ``dw [B, H, L, Dv]``
+    (the forward is run again inside); None where it does not serve."""
+    got = _core_config(ql, kl, k3v, k_valid, q_valid, (dw,))
+    if got is None or dw.shape != k3v.shape:
+        return None
+    lib, (kc, kc_sb, qr, qr_sb) = got
+    B, H, L, D = ql.shape
+    dql, dkl, dk3v = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(k3v)
+    lib.effattn_nystrom_core_backward_f32(
+        ql.data_ptr(), kl.data_ptr(), k3v.data_ptr(), _ptr(kc), kc_sb, _ptr(qr), qr_sb, B * H, H, L, D,
+        k3v.shape[-1], scale, iters, dw.data_ptr(), dql.data_ptr(), dkl.data_ptr(), dk3v.data_ptr(),
+        torch.get_num_threads())
+    return dql, dkl, dk3v
