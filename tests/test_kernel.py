@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import effattn
 from effattn.mechanisms.kernel import (
@@ -457,3 +457,19 @@ def test_streamed_backward_twice_needs_retain_graph(method, opts):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="backward through the graph a second time|freed"):
         torch.autograd.grad(out.sum(), (q, k, v))
+
+
+@settings(deadline=None, max_examples=200)
+@given(BH=st.integers(1, 64), M=st.integers(1, 5000), n=st.integers(1, 1 << 20))
+def test_stream_chunks_stay_within_four_budgets_and_reach_2048_rows_where_they_can(BH, M, n):
+    """A chunk of the streamed feature maps holds at most 4x the 2 MB budget (or 16 rows),
+    no more rows than the sequence (or 16), and 2,048 rows wherever that fits in 4x the
+    budget (fewer, larger chunks: each costs ~40 torch calls)."""
+    from effattn.mechanisms import kernel
+
+    budget = 1 << 19
+    rows = kernel._stream_rows(1, BH, M, n, budget)
+    assert 1 <= rows <= max(n, 16)
+    assert rows * BH * M <= 4 * budget or rows <= 16
+    if 2048 * BH * M <= 4 * budget:
+        assert rows >= min(n, 2048)

@@ -98,7 +98,7 @@ def _stream_rows(B: int, H: int, M: int, n: int, budget: int = 1 << 19) -> int:
     ``M = 256`` (Performer) 512-row chunks spent more in those than the bigger buffers cost
     (alternated in one process at N = 16,384: training 203 -> 188 ms, forward 64.6 -> 61.4;
     65,536: 843 -> 800 / 273 -> 265)."""
-    rows = max(16, budget // max(1, B * H * M))
+    rows = budget // max(1, B * H * M)
     return max(16, min(n, max(rows, min(2048, 4 * rows))))
 
 
