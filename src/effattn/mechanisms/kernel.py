@@ -965,6 +965,50 @@ class PerformerSoftmaxMap(StreamMap):
             p_grads[0] = dw if p_grads[0] is None else p_grads[0].add_(dw)
 
 
+#: whether non-causal Performer with positive features runs on the native kernel where it
+#: serves (``performer.c``: float32 on the CPU, a projection without gradient); False:
+#: always the stream above with :class:`PerformerSoftmaxMap` (its twin)
+USE_NATIVE_PERFORMER = True
+
+
+class _NativePerformer(torch.autograd.Function):
+    """:func:`effattn.native.performer` with its backward (the features recomputed there;
+    only the output and the ``[M, Dv]`` sums are kept)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, wr, h, padding_mask):
+        out, A, z, c = native.performer(q, k, v, padding_mask, wr, h)
+        ctx.h, ctx.padding_mask = h, padding_mask
+        ctx.save_for_backward(q, k, v, wr, out, A, z, c)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, wr, out, A, z, c = ctx.saved_tensors
+        got = native.performer_backward(q, k, v, ctx.padding_mask, wr, ctx.h, out, A, z, c,
+                                        dout.to(out.dtype).contiguous(), ctx.needs_input_grad[:3])
+        if got is None:  # the forward's tensors served, so only a failed build lands here
+            raise RuntimeError("effattn.native.performer_backward declined the forward's tensors")
+        return (*got, None, None, None)
+
+
+def _native_performer(q, k, v, w, r: float, padding_mask) -> Optional[torch.Tensor]:
+    """Non-causal positive-feature FAVOR+ of ``q, k [B, H, N·, D]``, ``v [B, H, Nk, Dv]``
+    (padded rows zero) with the projection ``w [M, D]`` on the native kernel -> ``out [B, H,
+    Nq, Dv]``, or None where it does not serve (:data:`USE_NATIVE_PERFORMER` off, ``w``
+    requiring grad, tensors it does not take: :func:`effattn.native.performer`)."""
+    if not USE_NATIVE_PERFORMER or w.requires_grad:
+        return None
+    wr = (w * r).contiguous()
+    if not native.performer_serves(q, k, v, padding_mask, wr):
+        return None
+    h = 0.5 * r * r
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _NativePerformer.apply(q, k, v, wr, h, padding_mask)
+    return native.performer(q, k, v, padding_mask, wr, h)[0]
+
+
 # --------------------------------------------------------------------------- methods
 
 def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
@@ -1073,6 +1117,8 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
         phi_k, k_log = performer_features(kc, w, kernel, is_query=False, r=r)
         out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
                                     k_log=k_log, chunk=chunk)
+    elif kernel == "softmax" and (got := _native_performer(qc, kc, vc, w, r, padding_mask)) is not None:
+        out = got
     else:
         if kernel == "softmax":
             maps = (PerformerSoftmaxMap(r, is_query=True), PerformerSoftmaxMap(r, is_query=False))

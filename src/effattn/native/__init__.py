@@ -62,7 +62,8 @@ import torch
 __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "lsh_chunks",
            "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
            "efficient_backward", "queries_over_landmarks", "queries_over_landmarks_backward",
-           "landmarks_over_keys", "landmarks_over_keys_backward"]
+           "landmarks_over_keys", "landmarks_over_keys_backward", "nystrom_core",
+           "nystrom_core_backward", "performer", "performer_backward"]
 
 #: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
@@ -201,6 +202,12 @@ def _library():
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 3 + [ptr, i64] * 2 + [i64] * 5 + [f32, i64] + [ptr] * outs + [cint]
         fn.restype = None
+    fn = lib.effattn_performer_f32
+    fn.argtypes = [ptr] * 5 + [i64] * 7 + [f32] + [ptr] * 4 + [cint]
+    fn.restype = None
+    fn = lib.effattn_performer_backward_f32
+    fn.argtypes = [ptr] * 5 + [i64] * 7 + [f32] + [ptr] * 8 + [cint]
+    fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
     return lib
@@ -808,3 +815,78 @@ def nystrom_core_backward(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
         k3v.shape[-1], scale, iters, dw.data_ptr(), dql.data_ptr(), dkl.data_ptr(), dk3v.data_ptr(),
         torch.get_num_threads())
     return dql, dkl, dk3v
+
+
+def _performer_config(q, k, v, k_valid, wr, more=()):
+    """The library and the key validity bytes of one Performer call (as
+    :func:`_efficient_config`), or None where the kernel does not serve (see
+    :func:`performer`)."""
+    got = _efficient_config(q, k, v, k_valid, (wr,) + tuple(more))
+    if got is None:
+        return None
+    vw = got[0].effattn_lsh_vector_width()
+    if wr.dim() != 2 or wr.shape[1] != q.shape[-1] or wr.shape[0] < 1 or wr.shape[0] % vw:
+        return None
+    return got
+
+
+def performer_serves(q, k, v, k_valid, wr) -> bool:
+    """Whether :func:`performer` (and its backward) run natively for these tensors,
+    whether or not they require grad."""
+    with torch.no_grad():
+        return _performer_config(q, k, v, k_valid, wr) is not None
+
+
+def performer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: Optional[torch.Tensor],
+              wr: torch.Tensor, h: float):
+    """Performer's non-causal FAVOR+ attention with positive features, fused
+    (``performer.c``; :func:`effattn.mechanisms.kernel.streamed_feature_attention` with
+    :class:`~effattn.mechanisms.kernel.PerformerSoftmaxMap` is its torch twin).
+
+    ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` float32 contiguous,
+    ``k_valid`` bool ``[B, >= Nk]`` (True = a real key) or None, ``wr [M, D]`` the projection
+    times ``r`` (``r²`` the attention scale), ``h = r² / 2`` ->
+    ``(out [B, H, Nq, Dv], A [B, H, M, Dv], z [B, H, M], c [B, H])``: the output and what the
+    backward takes (``c`` the keys' largest logit ``wr·k - h|k|²``, ``z`` and ``A`` the sums
+    of their features ``exp(logit - c)`` and of those times the values).  None where it
+    does not serve: not loaded, not float32 contiguous on the CPU, gradients wanted, ``D``,
+    ``Dv`` or ``M`` not a multiple of the vector width (16 with AVX-512, else 8), an empty
+    side."""
+    got = _performer_config(q, k, v, k_valid, wr)
+    if got is None:
+        return None
+    lib, kv = got
+    B, H, Nq, D = q.shape
+    Nk, Dv, M = k.shape[2], v.shape[-1], wr.shape[0]
+    out, A = torch.empty(B, H, Nq, Dv), torch.empty(B, H, M, Dv)
+    z, c = torch.empty(B, H, M), torch.empty(B, H)
+    lib.effattn_performer_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), wr.data_ptr(), B * H,
+                              H, Nq, Nk, D, Dv, M, h, out.data_ptr(), A.data_ptr(), z.data_ptr(),
+                              c.data_ptr(), torch.get_num_threads())
+    return out, A, z, c
+
+
+def performer_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_valid: Optional[torch.Tensor], wr: torch.Tensor, h: float,
+                       out: torch.Tensor, A: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
+                       dout: torch.Tensor, need=(True, True, True)):
+    """The gradients of :func:`performer` for ``dout [B, H, Nq, Dv]``, with its ``out, A, z,
+    c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask for), or
+    None where it does not serve (as :func:`performer`; those tensors too float32
+    contiguous).  The features are recomputed; ``wr`` gets no gradient."""
+    got = _performer_config(q, k, v, k_valid, wr, (out, A, z, c, dout))
+    if got is None:
+        return None
+    lib, kv = got
+    B, H, Nq, D = q.shape
+    Nk, Dv, M = k.shape[2], v.shape[-1], wr.shape[0]
+    if (tuple(out.shape) != (B, H, Nq, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)
+            or tuple(A.shape) != (B, H, M, Dv) or tuple(z.shape) != (B, H, M)
+            or tuple(c.shape) != (B, H)):
+        return None
+    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
+    lib.effattn_performer_backward_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), wr.data_ptr(), B * H, H, Nq, Nk, D, Dv, M, h,
+        out.data_ptr(), A.data_ptr(), z.data_ptr(), c.data_ptr(), dout.data_ptr(), *map(_ptr, grads),
+        torch.get_num_threads())
+    return tuple(grads)
