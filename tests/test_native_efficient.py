@@ -9,16 +9,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import effattn
 from effattn import native
 from effattn.mechanisms import kernel
-from tests.helpers import record_served
+from tests.helpers import (assert_keyless_row_zero, assert_near_twin, native_and_twin,
+                           native_vector_width as _vw, random_padding, record_served)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
-
-def _vw() -> int:
-    return native._library().effattn_lsh_vector_width()
 
 
 @pytest.fixture
@@ -62,11 +59,7 @@ def test_native_efficient_equals_the_torch_passes(calls, B, H, Nq, Nk, dmul, pad
     calls.clear()  # one fixture for every example
     D, Dv = dmul[0] * _vw(), dmul[1] * _vw()
     q, k, v = _inputs(B, H, Nq, Nk, D, Dv, magnitude, seed)
-    pm = None
-    if padded:
-        pm = torch.rand(B, Nk, generator=torch.Generator().manual_seed(seed)) > 0.3
-        if keyless:
-            pm[-1] = False
+    pm = random_padding(B, Nk, seed=seed, empty_row=B - 1 if keyless else None) if padded else None
     out, grads = _run(q, k, v, t, pm, need, True, seed)
     assert calls == [("efficient", True), ("efficient_backward", True)]
     ref, ref_grads = _run(q, k, v, t, pm, need, False, seed)
@@ -76,15 +69,9 @@ def test_native_efficient_equals_the_torch_passes(calls, B, H, Nq, Nk, dmul, pad
     # gradients subtract near-equal terms)
     exact, exact_grads = _run(q.double(), k.double(), v.double(), t, pm, need, False, seed)
     span = 1.0 + t * max(q.abs().max().item(), k.abs().max().item())
-    for a, b, x in zip((out, *grads), (ref, *ref_grads), (exact, *exact_grads)):
-        err, twin_err = (a.double() - x).abs().max().item(), (b.double() - x).abs().max().item()
-        floor = 1e-6 * span * max(1.0, x.abs().max().item())
-        assert err <= 4 * twin_err + floor, (err, twin_err, floor)
-    if padded and keyless:
-        assert not out[-1].any()
-        for a, x in zip(grads, [x for x, n in zip((q, k, v), need) if n]):
-            if x is not q:
-                assert not a[-1].any()  # keys and values of a row without any real key
+    assert_near_twin((out, *grads), (ref, *ref_grads), (exact, *exact_grads), 1e-6 * span)
+    if padded and keyless:  # keys and values of a row without any real key: zero gradients
+        assert_keyless_row_zero(out, grads, (q, k, v), need)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
@@ -117,14 +104,7 @@ def test_efficient_method_runs_on_the_kernels_and_matches_the_twin(calls):
     (forward and backward) and equals its torch twin."""
     q, k, v = _inputs(2, 2, 97, 97, 2 * _vw(), _vw(), 1.0, 3)
     pm = torch.rand(2, 97, generator=torch.Generator().manual_seed(3)) > 0.2
-    res = []
-    for use in (True, False):
-        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(kernel, "USE_NATIVE_EFFICIENT", use)
-            out = effattn.attention(*xs, "efficient", padding_mask=pm)
-            out.backward(torch.ones_like(out))
-        res.append([out.detach()] + [x.grad for x in xs])
+    res = native_and_twin(kernel, "USE_NATIVE_EFFICIENT", "efficient", q, k, v, pm)
     assert calls == [("efficient", True), ("efficient_backward", True)]
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

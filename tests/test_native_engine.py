@@ -11,15 +11,13 @@ from hypothesis import given, settings, strategies as st
 
 import effattn
 from effattn import native
+from tests.helpers import native_vector_width as _vw
 from effattn.masks import allowed_pairs, distance_rule, elementwise
 from effattn.mechanisms import blocksparse
 from effattn.mechanisms.blocksparse import block_sparse_attention
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
-
-def _vw() -> int:
-    return native._library().effattn_lsh_vector_width()
 
 
 @pytest.fixture

@@ -12,16 +12,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from effattn import native
 from effattn.mechanisms import _landmarks
-from tests.helpers import nystrom_native_and_twin, record_served
+from tests.helpers import nystrom_native_and_twin, record_served, native_vector_width as _vw
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
 NAMES = ("queries_over_landmarks", "queries_over_landmarks_backward", "landmarks_over_keys",
          "landmarks_over_keys_backward")
 
-
-def _vw() -> int:
-    return native._library().effattn_lsh_vector_width()
 
 
 @pytest.fixture

@@ -13,13 +13,10 @@ from hypothesis import given, settings, strategies as st
 
 from effattn import native
 from effattn.mechanisms import lowrank
-from tests.helpers import nystrom_native_and_twin, record_served
+from tests.helpers import nystrom_native_and_twin, record_served, native_vector_width as _vw
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
-
-def _vw() -> int:
-    return native._library().effattn_lsh_vector_width()
 
 
 def _run(xs, k_valid, q_valid, scale, iters, use_native, seed):

@@ -23,6 +23,15 @@ figures come from, the two paths alternated in one process: N = 16,384 forward 1
 ms, forward+backward 40.3 -> 19.6 ms; N = 65,536 forward 72.8 -> 46.8 ms, forward+backward
 247 -> 146 ms.
 
+Non-causal ``performer`` (positive features, the default), ``linear`` and ``taylor`` run,
+for float32 on the CPU with widths on the vector width (and a Performer projection without
+gradient), on one native kernel (:func:`effattn.native.feature_attention`,
+``feature_attention.c``: each block of rows' features and products in a thread's cache; the
+backward recomputes them); the stream below with the kinds' :class:`StreamMap` objects is
+its twin.  B=1, H=4, D=64, the two alternated in one process, N = 16,384 forward /
+forward+backward: performer (256 features) 68.5 -> 37.1 / 206 -> 115 ms, linear 18.2 ->
+6.9 / 57.7 -> 26.0 ms, taylor 14.8 -> 7.5 / 61.5 -> 27.5 ms.
+
 Feature maps whose key features need a large per-key factor (Performer's
 ``exp(w·k - |k|²/2)``, the trig kernel's ``exp(|k|²/2)``) return them in log-scaled
 form ``phi(k_j) = exp(s_j) psi(k_j)``; the shared path divides by a per-query constant
@@ -965,48 +974,51 @@ class PerformerSoftmaxMap(StreamMap):
             p_grads[0] = dw if p_grads[0] is None else p_grads[0].add_(dw)
 
 
-#: whether non-causal Performer with positive features runs on the native kernel where it
-#: serves (``performer.c``: float32 on the CPU, a projection without gradient); False:
-#: always the stream above with :class:`PerformerSoftmaxMap` (its twin)
-USE_NATIVE_PERFORMER = True
+#: whether non-causal attention with Performer's positive features, ``elu + 1`` (linear) or
+#: Taylor's features runs on the native kernel where it serves (``feature_attention.c``:
+#: float32 on the CPU, widths on the vector width, a Performer projection without
+#: gradient); False: always the stream above with the kinds' :class:`StreamMap` (its twin)
+USE_NATIVE_FEATURES = True
 
 
-class _NativePerformer(torch.autograd.Function):
-    """:func:`effattn.native.performer` with its backward (the features recomputed there;
-    only the output and the ``[M, Dv]`` sums are kept)."""
+class _NativeFeatures(torch.autograd.Function):
+    """:func:`effattn.native.feature_attention` with its backward (the features recomputed
+    there; only the output and the ``[M, Dv]`` sums are kept)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, wr, h, padding_mask):
-        out, A, z, c = native.performer(q, k, v, padding_mask, wr, h)
-        ctx.h, ctx.padding_mask = h, padding_mask
-        ctx.save_for_backward(q, k, v, wr, out, A, z, c)
+    def forward(ctx, kind, q, k, v, wr, h, padding_mask):
+        out, A, z, c = native.feature_attention(kind, q, k, v, padding_mask, wr, h)
+        ctx.kind, ctx.h, ctx.padding_mask, ctx.has_wr = kind, h, padding_mask, wr is not None
+        ctx.save_for_backward(q, k, v, out, A, z, c, *(() if wr is None else (wr,)))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, wr, out, A, z, c = ctx.saved_tensors
-        got = native.performer_backward(q, k, v, ctx.padding_mask, wr, ctx.h, out, A, z, c,
-                                        dout.to(out.dtype).contiguous(), ctx.needs_input_grad[:3])
+        q, k, v, out, A, z, c, *wr = ctx.saved_tensors
+        got = native.feature_attention_backward(
+            ctx.kind, q, k, v, ctx.padding_mask, wr[0] if ctx.has_wr else None, ctx.h, out, A, z, c,
+            dout.to(out.dtype).contiguous(), ctx.needs_input_grad[1:4])
         if got is None:  # the forward's tensors served, so only a failed build lands here
-            raise RuntimeError("effattn.native.performer_backward declined the forward's tensors")
-        return (*got, None, None, None)
+            raise RuntimeError("effattn.native.feature_attention_backward declined the forward's tensors")
+        return (None, *got, None, None, None)
 
 
-def _native_performer(q, k, v, w, r: float, padding_mask) -> Optional[torch.Tensor]:
-    """Non-causal positive-feature FAVOR+ of ``q, k [B, H, N·, D]``, ``v [B, H, Nk, Dv]``
-    (padded rows zero) with the projection ``w [M, D]`` on the native kernel -> ``out [B, H,
-    Nq, Dv]``, or None where it does not serve (:data:`USE_NATIVE_PERFORMER` off, ``w``
-    requiring grad, tensors it does not take: :func:`effattn.native.performer`)."""
-    if not USE_NATIVE_PERFORMER or w.requires_grad:
+def _native_features(kind: str, q, k, v, padding_mask, w=None, r: float = 1.0) -> Optional[torch.Tensor]:
+    """Non-causal feature-map attention of ``q, k [B, H, N·, D]``, ``v [B, H, Nk, Dv]``
+    (padded rows zero) on the native kernel (``kind`` as
+    :func:`effattn.native.feature_attention`; ``"favor"`` with the projection ``w [M, D]``
+    and ``r = scale ** 0.5``) -> ``out [B, H, Nq, Dv]``, or None where it does not serve
+    (:data:`USE_NATIVE_FEATURES` off, ``w`` requiring grad, tensors it does not take)."""
+    if not USE_NATIVE_FEATURES or (w is not None and w.requires_grad):
         return None
-    wr = (w * r).contiguous()
-    if not native.performer_serves(q, k, v, padding_mask, wr):
+    wr = None if w is None else (w * r).contiguous()
+    if not native.feature_attention_serves(kind, q, k, v, padding_mask, wr):
         return None
-    h = 0.5 * r * r
+    h = 0.5 * r * r if w is not None else 0.0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _NativePerformer.apply(q, k, v, wr, h, padding_mask)
-    return native.performer(q, k, v, padding_mask, wr, h)[0]
+        return _NativeFeatures.apply(kind, q, k, v, wr, h, padding_mask)
+    return native.feature_attention(kind, q, k, v, padding_mask, wr, h)[0]
 
 
 # --------------------------------------------------------------------------- methods
@@ -1022,13 +1034,18 @@ def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
     return 2.0 * B * H * (intra + states)
 
 
-def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk, maps=None):
+def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk, maps=None, native_kind=None):
     """One feature map ``phi`` (``[..., D] -> [..., M]``, the same for queries and keys)
-    through the shared path: causal on whole feature tensors, non-causal streamed (with
-    ``maps = (query map, key map)`` when given, e.g. :class:`StreamMap` objects)."""
+    through the shared path: causal on whole feature tensors, non-causal on the native
+    kernel's ``native_kind`` where it serves, else streamed (with ``maps = (query map, key
+    map)`` when given, e.g. :class:`StreamMap` objects)."""
     if causal:
         return feature_map_attention(phi(q), phi(k), v, causal=True, padding_mask=padding_mask,
                                      chunk=chunk)
+    if native_kind is not None:
+        got = _native_features(native_kind, q, k, v, padding_mask)
+        if got is not None:
+            return got
     q_map, k_map = maps or (phi, lambda x: (phi(x), None))
     return streamed_feature_attention((q,), (k,), v, q_map, k_map, n_features=M,
                                       padding_mask=padding_mask)
@@ -1046,7 +1063,7 @@ def linear_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
     out = _apply_map(linear_features, qc, kc, vc, q.shape[-1], causal, padding_mask, chunk,
-                     maps=(LinearMap(is_query=True), LinearMap(is_query=False)))
+                     maps=(LinearMap(is_query=True), LinearMap(is_query=False)), native_kind="elu")
     return out.to(q.dtype), None
 
 
@@ -1058,7 +1075,7 @@ def taylor_attention(q, k, v, *, causal, padding_mask, scale, return_lse, shared
     _check_chunk(chunk)
     qc, kc, vc = _prep(q, k, v, padding_mask)
     out = _apply_map(taylor_features, qc, kc, vc, q.shape[-1] + 1, causal, padding_mask, chunk,
-                     maps=(TaylorMap(is_query=True), TaylorMap(is_query=False)))
+                     maps=(TaylorMap(is_query=True), TaylorMap(is_query=False)), native_kind="taylor")
     return out.to(q.dtype), None
 
 
@@ -1117,7 +1134,7 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
         phi_k, k_log = performer_features(kc, w, kernel, is_query=False, r=r)
         out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
                                     k_log=k_log, chunk=chunk)
-    elif kernel == "softmax" and (got := _native_performer(qc, kc, vc, w, r, padding_mask)) is not None:
+    elif kernel == "softmax" and (got := _native_features("favor", qc, kc, vc, padding_mask, w, r)) is not None:
         out = got
     else:
         if kernel == "softmax":

@@ -26,8 +26,11 @@ forward 84 -> 50 ms, forward+backward 323 -> 180 ms).  :func:`efficient` and
 :func:`efficient_backward` (``efficient.c``) are Shen et al.'s efficient attention, each
 block of rows read once per pass instead of a chain of torch passes over it;
 :func:`queries_over_landmarks` and :func:`landmarks_over_keys` (``landmarks.c``, with their
-backwards) Nystromformer's two long products, the same way (``rowblocks.h``: the row-block
-products and the row and column softmaxes both files share).  Each kernel here has a pure-torch twin that
+backwards) Nystromformer's two long products, the same way, and :func:`feature_attention`
+(with its backward; ``feature_attention.c``) non-causal Performer (positive features),
+linear and Taylor attention
+(``rowblocks.h``: the row-block products and the row and column softmaxes these files
+share).  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
 
 - no C compiler (``$CC``, else ``cc`` / ``gcc`` on ``PATH``), or it failed; not Linux or
@@ -63,7 +66,7 @@ __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "
            "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
            "efficient_backward", "queries_over_landmarks", "queries_over_landmarks_backward",
            "landmarks_over_keys", "landmarks_over_keys_backward", "nystrom_core",
-           "nystrom_core_backward", "performer", "performer_backward"]
+           "nystrom_core_backward", "feature_attention", "feature_attention_backward"]
 
 #: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
@@ -202,12 +205,10 @@ def _library():
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 3 + [ptr, i64] * 2 + [i64] * 5 + [f32, i64] + [ptr] * outs + [cint]
         fn.restype = None
-    fn = lib.effattn_performer_f32
-    fn.argtypes = [ptr] * 5 + [i64] * 7 + [f32] + [ptr] * 4 + [cint]
-    fn.restype = None
-    fn = lib.effattn_performer_backward_f32
-    fn.argtypes = [ptr] * 5 + [i64] * 7 + [f32] + [ptr] * 8 + [cint]
-    fn.restype = None
+    for name, outs in (("feature_attention_f32", 4), ("feature_attention_backward_f32", 8)):
+        fn = getattr(lib, f"effattn_{name}")
+        fn.argtypes = [ptr] * 5 + [cint] + [i64] * 7 + [f32] + [ptr] * outs + [cint]
+        fn.restype = None
     lib.effattn_lsh_vector_width.restype = ctypes.c_int
     _reason = "loaded"
     return lib
@@ -817,76 +818,88 @@ def nystrom_core_backward(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
     return dql, dkl, dk3v
 
 
-def _performer_config(q, k, v, k_valid, wr, more=()):
-    """The library and the key validity bytes of one Performer call (as
-    :func:`_efficient_config`), or None where the kernel does not serve (see
-    :func:`performer`)."""
-    got = _efficient_config(q, k, v, k_valid, (wr,) + tuple(more))
+
+#: the feature maps of :func:`feature_attention` (``feature_attention.c``'s FA_* kinds)
+FEATURE_KINDS = {"favor": 0, "elu": 1, "taylor": 2}
+
+
+def _features_config(kind, q, k, v, k_valid, wr, more=()):
+    """The library, the key validity bytes and the feature count ``M`` of one
+    :func:`feature_attention` call, or None where the kernel does not serve."""
+    if kind not in FEATURE_KINDS or (wr is None) != (kind != "favor"):
+        return None
+    got = _efficient_config(q, k, v, k_valid, (() if wr is None else (wr,)) + tuple(more))
     if got is None:
         return None
-    vw = got[0].effattn_lsh_vector_width()
-    if wr.dim() != 2 or wr.shape[1] != q.shape[-1] or wr.shape[0] < 1 or wr.shape[0] % vw:
-        return None
-    return got
+    vw, D = got[0].effattn_lsh_vector_width(), q.shape[-1]
+    if kind == "favor":
+        if wr.dim() != 2 or wr.shape[1] != D or wr.shape[0] < 1 or wr.shape[0] % vw:
+            return None
+        return (*got, wr.shape[0])
+    return (*got, D if kind == "elu" else D + vw)
 
 
-def performer_serves(q, k, v, k_valid, wr) -> bool:
-    """Whether :func:`performer` (and its backward) run natively for these tensors,
-    whether or not they require grad."""
+def feature_attention_serves(kind: str, q, k, v, k_valid, wr=None) -> bool:
+    """Whether :func:`feature_attention` (and its backward) run natively for these
+    tensors, whether or not they require grad."""
     with torch.no_grad():
-        return _performer_config(q, k, v, k_valid, wr) is not None
+        return _features_config(kind, q, k, v, k_valid, wr) is not None
 
 
-def performer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: Optional[torch.Tensor],
-              wr: torch.Tensor, h: float):
-    """Performer's non-causal FAVOR+ attention with positive features, fused
-    (``performer.c``; :func:`effattn.mechanisms.kernel.streamed_feature_attention` with
-    :class:`~effattn.mechanisms.kernel.PerformerSoftmaxMap` is its torch twin).
+def feature_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor] = None,
+                      h: float = 0.0):
+    """Non-causal feature-map attention ``phi(q) A / phi(q) z`` (``A = sum_j psi(k_j)^T v_j``,
+    ``z = sum_j psi(k_j)`` over the real keys) fused (``feature_attention.c``;
+    :func:`effattn.mechanisms.kernel.streamed_feature_attention` with the kind's
+    ``StreamMap`` is its torch twin).  ``kind``: ``"favor"`` (Performer's positive features of
+    the logits ``wr·x - h|x|²``: ``wr [M, D]`` the projection times ``r``, ``r²`` the
+    attention scale, ``h = r² / 2``), ``"elu"`` (``elu + 1``, ``M = D``) or ``"taylor"``
+    (``[x / |x|, 1]``, ``M = D`` + the vector width, zero columns after the 1); ``wr`` only for
+    ``"favor"``.
 
     ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` float32 contiguous,
-    ``k_valid`` bool ``[B, >= Nk]`` (True = a real key) or None, ``wr [M, D]`` the projection
-    times ``r`` (``r²`` the attention scale), ``h = r² / 2`` ->
+    ``k_valid`` bool ``[B, >= Nk]`` (True = a real key) or None ->
     ``(out [B, H, Nq, Dv], A [B, H, M, Dv], z [B, H, M], c [B, H])``: the output and what the
-    backward takes (``c`` the keys' largest logit ``wr·k - h|k|²``, ``z`` and ``A`` the sums
-    of their features ``exp(logit - c)`` and of those times the values).  None where it
-    does not serve: not loaded, not float32 contiguous on the CPU, gradients wanted, ``D``,
-    ``Dv`` or ``M`` not a multiple of the vector width (16 with AVX-512, else 8), an empty
-    side."""
-    got = _performer_config(q, k, v, k_valid, wr)
+    backward takes (``c`` the shift of the key features, ``"favor"``'s largest key logit; 0
+    for the others).  None where it does not serve: not loaded, not float32 contiguous on
+    the CPU, gradients wanted, ``D``, ``Dv`` or ``M`` not a multiple of the vector width (16
+    with AVX-512, else 8), an empty side."""
+    got = _features_config(kind, q, k, v, k_valid, wr)
     if got is None:
         return None
-    lib, kv = got
+    lib, kv, M = got
     B, H, Nq, D = q.shape
-    Nk, Dv, M = k.shape[2], v.shape[-1], wr.shape[0]
+    Nk, Dv = k.shape[2], v.shape[-1]
     out, A = torch.empty(B, H, Nq, Dv), torch.empty(B, H, M, Dv)
     z, c = torch.empty(B, H, M), torch.empty(B, H)
-    lib.effattn_performer_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), wr.data_ptr(), B * H,
-                              H, Nq, Nk, D, Dv, M, h, out.data_ptr(), A.data_ptr(), z.data_ptr(),
-                              c.data_ptr(), torch.get_num_threads())
+    lib.effattn_feature_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr),
+                                      FEATURE_KINDS[kind], B * H, H, Nq, Nk, D, Dv, M, h, out.data_ptr(),
+                                      A.data_ptr(), z.data_ptr(), c.data_ptr(), torch.get_num_threads())
     return out, A, z, c
 
 
-def performer_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       k_valid: Optional[torch.Tensor], wr: torch.Tensor, h: float,
-                       out: torch.Tensor, A: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
-                       dout: torch.Tensor, need=(True, True, True)):
-    """The gradients of :func:`performer` for ``dout [B, H, Nq, Dv]``, with its ``out, A, z,
-    c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask for), or
-    None where it does not serve (as :func:`performer`; those tensors too float32
-    contiguous).  The features are recomputed; ``wr`` gets no gradient."""
-    got = _performer_config(q, k, v, k_valid, wr, (out, A, z, c, dout))
+def feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor], h: float,
+                               out: torch.Tensor, A: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
+                               dout: torch.Tensor, need=(True, True, True)):
+    """The gradients of :func:`feature_attention` for ``dout [B, H, Nq, Dv]``, with its
+    ``out, A, z, c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask
+    for), or None where it does not serve (as :func:`feature_attention`; those tensors too
+    float32 contiguous).  The features are recomputed; ``wr`` gets no gradient."""
+    got = _features_config(kind, q, k, v, k_valid, wr, (out, A, z, c, dout))
     if got is None:
         return None
-    lib, kv = got
+    lib, kv, M = got
     B, H, Nq, D = q.shape
-    Nk, Dv, M = k.shape[2], v.shape[-1], wr.shape[0]
+    Nk, Dv = k.shape[2], v.shape[-1]
     if (tuple(out.shape) != (B, H, Nq, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)
             or tuple(A.shape) != (B, H, M, Dv) or tuple(z.shape) != (B, H, M)
             or tuple(c.shape) != (B, H)):
         return None
     grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
-    lib.effattn_performer_backward_f32(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), wr.data_ptr(), B * H, H, Nq, Nk, D, Dv, M, h,
-        out.data_ptr(), A.data_ptr(), z.data_ptr(), c.data_ptr(), dout.data_ptr(), *map(_ptr, grads),
-        torch.get_num_threads())
+    lib.effattn_feature_attention_backward_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr), FEATURE_KINDS[kind], B * H, H, Nq,
+        Nk, D, Dv, M, h, out.data_ptr(), A.data_ptr(), z.data_ptr(), c.data_ptr(), dout.data_ptr(),
+        *map(_ptr, grads), torch.get_num_threads())
     return tuple(grads)

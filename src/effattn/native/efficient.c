@@ -187,9 +187,7 @@ void effattn_efficient_backward_f32(const float *q, const float *k, const float 
     const int64_t qparts = parts_of(BH, Nq, nthreads), qitems = BH * qparts;
     float *dCp = aligned_alloc(64, sizeof(float) * qitems * D * Dv);
     float *Ct = aligned_alloc(64, sizeof(float) * BH * Dv * D);
-    for (int64_t bh = 0; bh < BH; bh++)
-        for (int64_t d = 0; d < D; d++)
-            for (int64_t x = 0; x < Dv; x++) Ct[(bh * Dv + x) * D + d] = C[(bh * D + d) * Dv + x];
+    transpose_each(C, BH, D, Dv, Ct);
 #pragma omp parallel num_threads(nthreads) if (qitems > 1)
     {
         int64_t lo, hi;

@@ -28,6 +28,13 @@ static inline void part_rows(int64_t N, int64_t part, int64_t parts, int64_t *lo
     if (*lo > N) *lo = N;
 }
 
+/* dst [n][cols][rows] = the transposes of the n matrices src [n][rows][cols]. */
+static inline void transpose_each(const float *src, int64_t n, int64_t rows, int64_t cols, float *dst) {
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < cols; j++) dst[(b * cols + j) * rows + i] = src[(b * rows + i) * cols + j];
+}
+
 /* O [r][ncol] = X [r][K] Y [K][ncol] (rows of X at ldx, of O at ldo); r a multiple of 4. */
 static inline __attribute__((always_inline)) void rows_times(
     const float *X, int64_t r, int64_t ldx, const int64_t K, float *Y, const int64_t ncol,
