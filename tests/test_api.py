@@ -91,3 +91,21 @@ def test_shared_qk_keys_are_rms_normalized():
     k = shared_qk_keys(q)
     torch.testing.assert_close(k.pow(2).mean(-1), torch.ones(2, 3, 5), atol=1e-4, rtol=0)
     assert shared_qk_keys(q.bfloat16()).dtype == torch.bfloat16
+
+
+def test_shared_qk_keys_gradient_is_the_rms_norms():
+    """The keys' one-pass backward is the derivative of ``x rsqrt(mean(x²) + eps)``:
+    gradcheck in float64 (a zero row included, where only ``eps`` keeps it finite), and in
+    float32 the plain expression's autograd gradient; bf16 queries get bf16-cast keys whose
+    gradient reaches them."""
+    q = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    q[0, 1, 2] = 0.0
+    assert torch.autograd.gradcheck(shared_qk_keys, (q.requires_grad_(True),))
+    x = torch.randn(2, 3, 7, 8, requires_grad=True)
+    g = torch.randn(2, 3, 7, 8)
+    ours, = torch.autograd.grad(shared_qk_keys(x), x, g)
+    plain, = torch.autograd.grad(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), x, g)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    xb = x.detach().bfloat16().requires_grad_(True)
+    shared_qk_keys(xb).float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
