@@ -133,7 +133,7 @@ class _RMSNormalized(torch.autograd.Function):
     """``x * rsqrt(mean(x²) + eps)`` along the last dim with a one-output backward,
     ``dx = r dk - x r³ <dk, x> / D`` (``r`` the saved ``rsqrt``): autograd through the
     plain expression made four fresh ``[N, D]`` tensors (the product's two gradients, the
-    norm's, their sum), 7 ms of LSH's 16K training step here."""
+    norm's, their sum), 8-14 ms of LSH's 16K training step here."""
 
     @staticmethod
     def forward(ctx, x, eps):
@@ -146,7 +146,8 @@ class _RMSNormalized(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dk):
         x, r = ctx.saved_tensors
-        coef = torch.linalg.vecdot(dk, x)[..., None].mul_(r.pow(3)).div_(x.shape[-1])
+        # einsum runs the row dot products as one bmm; vecdot made an [N, D] product first
+        coef = torch.einsum("...d,...d->...", dk, x)[..., None].mul_(r.pow(3)).div_(x.shape[-1])
         return torch.mul(dk, r).addcmul_(x, coef, value=-1.0), None
 
 
