@@ -588,13 +588,17 @@ def _causal(phi_q, phi_k, v, valid, k_log, C):
         st_kv = F.pad(st_kv, (0, 0, 0, 0, 1, 0))[:, :, :T]
         st_z = F.pad(st_z, (0, 0, 1, 0))[:, :, :T]
     else:
-        # exclusive prefix over chunks, state t in reference prev[t] = r_{t-1}
-        kvs = [torch.zeros_like(loc_kv[:, :, 0])]
-        zs = [torch.zeros_like(loc_z[:, :, 0])]
+        # exclusive prefix over chunks, state t in reference prev[t] = r_{t-1}.  The chunks
+        # are taken apart once (unbind: one backward node); indexing loc_kv[:, :, t] in the
+        # loop gave each step a select whose backward filled and added a whole-size
+        # gradient, T^2 traffic (N = 16,384: 6.3 s of Performer's causal training step)
+        loc_kvs, loc_zs, steps = loc_kv.unbind(2), loc_z.unbind(2), step.unbind(-1)
+        kvs = [torch.zeros_like(loc_kvs[0])]
+        zs = [torch.zeros_like(loc_zs[0])]
         for t in range(1, T):
-            f = step[..., t - 1]  # exp(r_{t-2} - r_{t-1}), 0 when no key before chunk t-1
-            kvs.append(kvs[-1] * f[..., None, None] + loc_kv[:, :, t - 1])
-            zs.append(zs[-1] * f[..., None] + loc_z[:, :, t - 1])
+            f = steps[t - 1]  # exp(r_{t-2} - r_{t-1}), 0 when no key before chunk t-1
+            kvs.append(kvs[-1] * f[..., None, None] + loc_kvs[t - 1])
+            zs.append(zs[-1] * f[..., None] + loc_zs[t - 1])
         st_kv = torch.stack(kvs, dim=2)
         st_z = torch.stack(zs, dim=2)
     c_num = torch.matmul(qc, st_kv)  # [B, H, T, C, Dv]
