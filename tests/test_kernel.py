@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import effattn
+from effattn.mechanisms import kernel as kernel_module
 from effattn.mechanisms.kernel import (
     dense_feature_map_attention, feature_map_attention, orthogonal_gaussian,
     performer_projection, reset_feature_generators,
@@ -476,11 +477,13 @@ def test_stream_chunks_stay_within_four_budgets_and_reach_2048_rows_where_they_c
         assert rows >= min(n, 2048)
 
 
-def test_causal_log_scaled_keys_scan_has_no_per_chunk_selects():
-    """The causal path with log-scaled key features (Performer) carries its state across
-    chunks through one unbind of the chunk sums, not an index per chunk: each such select's
-    backward fills and adds a gradient the size of all chunks, T² memory traffic (at N =
-    16,384 that made Performer's causal training step 6.3 s instead of 0.7 s)."""
+def test_causal_log_scaled_keys_scan_has_no_per_chunk_selects(monkeypatch):
+    """The causal torch path with log-scaled key features (Performer; where the native
+    kernel does not serve) carries its state across chunks through one unbind of the chunk
+    sums, not an index per chunk: each such select's backward fills and adds a gradient the
+    size of all chunks, T² memory traffic (at N = 16,384 that made Performer's causal
+    training step 6.3 s instead of 0.7 s)."""
+    monkeypatch.setattr(kernel_module, "USE_NATIVE_FEATURES", False)
     q, k, v = (torch.randn(1, 2, 64 * 32, 16, requires_grad=True) for _ in range(3))
     out = effattn.attention(q, k, v, "performer", causal=True, n_features=32)
     kinds, seen, stack = collections.Counter(), set(), [out.grad_fn]

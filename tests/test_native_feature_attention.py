@@ -1,9 +1,11 @@
-"""The native feature-map attention kernel (``effattn.native.feature_attention`` and its
-backward): the same output and gradients as the torch stream with the kind's
-:class:`StreamMap` (its twin: :class:`PerformerSoftmaxMap`, :class:`LinearMap`,
-:class:`TaylorMap`) for any shape, padding, feature count, scale and thread split it takes,
-used by the non-causal ``performer`` (positive features), ``linear`` and ``taylor`` methods,
-and a clean decline — to the twin — for what it does not take."""
+"""The native feature-map attention kernels (``effattn.native.feature_attention``,
+``causal_feature_attention`` and their backwards): the same output and gradients as their
+torch twins (non-causal: the stream with the kind's :class:`StreamMap`, i.e.
+:class:`PerformerSoftmaxMap`, :class:`LinearMap`, :class:`TaylorMap`; causal: the chunked
+prefix sums of :func:`feature_map_attention`) for any shape, padding, feature count, scale
+and thread split they take, used by the ``performer`` (positive features), ``linear`` and
+``taylor`` methods, causal ones strictly causal, and a clean decline — to the twin — for
+what they do not take."""
 
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels:
 @pytest.fixture
 def calls(monkeypatch):
     """Every native feature-attention call's name and whether it served, in order."""
-    return record_served(monkeypatch, native, ("feature_attention", "feature_attention_backward"))
+    return record_served(monkeypatch, native, ("feature_attention", "feature_attention_backward",
+                                               "causal_feature_attention",
+                                               "causal_feature_attention_backward"))
 
 
 SERVED = [("feature_attention", True), ("feature_attention_backward", True)]
+CAUSAL_SERVED = [("causal_feature_attention", True), ("causal_feature_attention_backward", True)]
 #: the methods on the kernel and their feature kinds
 KINDS = {"performer": "favor", "linear": "elu", "taylor": "taylor"}
 
@@ -57,25 +62,25 @@ def _run(method, q, k, v, pm, need, use_native, g_seed, **opts):
        scale=st.sampled_from([None, 0.02, 1.0]),
        need=st.sampled_from([(True, True, True), (True, False, False), (False, True, False),
                              (False, False, True), (False, True, True)]),
-       seed=st.integers(0, 9999))
+       causal=st.booleans(), seed=st.integers(0, 9999))
 def test_native_features_equal_their_torch_twin(calls, method, B, H, Nq, Nk, dmul, mmul, padded,
-                                                keyless, magnitude, scale, need, seed):
+                                                keyless, magnitude, scale, need, causal, seed):
     """Output and each wanted gradient within float32 rounding of the twin, both held to
-    the float64 result, for each kind, lengths off every block size, widths and feature
-    counts off the specialized ones, padding (a batch row without a real key: zeros, zero
-    key and value gradients), Performer logits large enough that one key's features
-    dominate (the running maximum) and any subset of gradients; and the kernel served both
-    passes."""
+    the float64 result, for each kind, causal or not, lengths off every block size (causal:
+    fewer keys than queries and more), widths and feature counts off the specialized ones,
+    padding (a batch row without a real key: zeros, zero key and value gradients),
+    Performer logits large enough that one key's features dominate (the running maximum)
+    and any subset of gradients; and the kernel served both passes."""
     calls.clear()  # one fixture for every example
     D, Dv, M = dmul[0] * _vw(), dmul[1] * _vw(), mmul * _vw()
     q, k, v = _inputs(B, H, Nq, Nk, D, Dv, magnitude, seed)
     pm = random_padding(B, Nk, seed=seed, empty_row=B - 1 if keyless else None) if padded else None
     opts = dict(n_features=M, seed=seed % 7) if method == "performer" else {}
-    out, grads = _run(method, q, k, v, pm, need, True, seed, scale=scale, **opts)
-    assert calls == SERVED
-    ref, ref_grads = _run(method, q, k, v, pm, need, False, seed, scale=scale, **opts)
-    exact, exact_grads = _run(method, q.double(), k.double(), v.double(), pm, need, False, seed,
-                              scale=scale, **opts)
+    opts.update(causal=causal, scale=scale)
+    out, grads = _run(method, q, k, v, pm, need, True, seed, **opts)
+    assert calls == (CAUSAL_SERVED if causal else SERVED)
+    ref, ref_grads = _run(method, q, k, v, pm, need, False, seed, **opts)
+    exact, exact_grads = _run(method, q.double(), k.double(), v.double(), pm, need, False, seed, **opts)
     # large logits: a few features dominate and the gradients subtract near-equal terms,
     # so the floor grows with the logits' spread (as efficient attention's test)
     r2 = scale if scale is not None else D ** -0.5
@@ -126,6 +131,21 @@ def test_native_features_split_heads_over_threads_alike(kind, threads):
         assert not one[3].any()
 
 
+def _assert_finite_differences(forward, inputs, dout, grads, coords):
+    """Central differences (float32 forward, so a step of 1e-2 and a loose tolerance) of
+    ``<forward(*inputs), dout>`` against ``grads`` at ``coords(n)`` of each input (``n`` its
+    length)."""
+    for i, x in enumerate(inputs):
+        for idx in coords(x.shape[2]):
+            def loss(e):
+                xs = list(inputs)
+                xs[i] = x.clone()
+                xs[i][idx] += e
+                return (forward(*xs).double() * dout.double()).sum().item()
+            fd = (loss(1e-2) - loss(-1e-2)) / 2e-2
+            assert abs(fd - grads[i][idx].item()) <= 2e-3 * max(1.0, abs(fd)), (i, idx, fd, grads[i][idx])
+
+
 @pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
 def test_native_feature_gradients_are_the_derivative_of_its_forward(kind):
     """Finite differences of the native forward (float32, so central differences with a
@@ -138,35 +158,27 @@ def test_native_feature_gradients_are_the_derivative_of_its_forward(kind):
     dout = torch.randn(1, 1, 9, vw, generator=torch.Generator().manual_seed(4))
     fwd = native.feature_attention(kind, q, k, v, None, wr, h)
     grads = native.feature_attention_backward(kind, q, k, v, None, wr, h, *fwd, dout)
-    for i, x in enumerate((q, k, v)):
-        for idx in ((0, 0, 0, 0), (0, 0, x.shape[2] - 1, vw - 1), (0, 0, 3, 2)):
-            def loss(e):
-                xs = [q, k, v]
-                xs[i] = x.clone()
-                xs[i][idx] += e
-                out = native.feature_attention(kind, *xs, None, wr, h)[0]
-                return (out.double() * dout.double()).sum().item()
-            fd = (loss(1e-2) - loss(-1e-2)) / 2e-2
-            assert abs(fd - grads[i][idx].item()) <= 2e-3 * max(1.0, abs(fd)), (i, idx, fd, grads[i][idx])
+    _assert_finite_differences(lambda *xs: native.feature_attention(kind, *xs, None, wr, h)[0],
+                               (q, k, v), dout, grads, lambda n: ((0, 0, 0, 0), (0, 0, n - 1, vw - 1), (0, 0, 3, 2)))
 
 
 @pytest.mark.parametrize("method", sorted(KINDS))
-def test_methods_run_on_the_kernel_and_match_the_twin(calls, method):
+@pytest.mark.parametrize("causal", [False, True])
+def test_methods_run_on_the_kernel_and_match_the_twin(calls, method, causal):
     """``effattn.attention(..., method)`` with padding (Performer with its default 256
-    features) goes through the kernel, forward and backward, and equals its twin; causal
-    attention, trig Performer and a projection that requires grad keep the torch paths."""
-    q, k, v = _inputs(2, 2, 97, 97, 64, 64, 1.0, 3)
-    pm = torch.rand(2, 97, generator=torch.Generator().manual_seed(3)) > 0.2
-    res = native_and_twin(kernel, "USE_NATIVE_FEATURES", method, q, k, v, pm)
-    assert calls == SERVED
+    features), causal or not, goes through the kernel, forward and backward, and equals
+    its twin; trig Performer and a projection that requires grad keep the torch paths."""
+    q, k, v = _inputs(2, 2, 197, 197, 64, 64, 1.0, 3)
+    pm = torch.rand(2, 197, generator=torch.Generator().manual_seed(3)) > 0.2
+    res = native_and_twin(kernel, "USE_NATIVE_FEATURES", method, q, k, v, pm, causal=causal)
+    assert calls == (CAUSAL_SERVED if causal else SERVED)
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     calls.clear()
-    effattn.attention(q, k, v, method, causal=True)
     if method == "performer":
-        effattn.attention(q, k, v, "performer", kernel="trig")
+        effattn.attention(q, k, v, "performer", kernel="trig", causal=causal)
         w = kernel.performer_projection(256, 64, seed=0, redraw=False).float().requires_grad_(True)
-        effattn.attention(q, k, v, "performer", projection=w).sum().backward()
+        effattn.attention(q, k, v, "performer", projection=w, causal=causal).sum().backward()
         assert w.grad is not None and w.grad.abs().sum() > 0
     assert calls == []
 
@@ -213,3 +225,115 @@ def test_native_features_decline_what_they_do_not_take():
     assert bw("favor", q, k, v, None, wr, 0.1, out, A, z, c.double(), g) is None
     assert bw("favor", q, k, v, None, wr, 0.1, out, A, z, c, torch.randn(1, 2, 9, vw)) is None
     assert bw("elu", q, k, v, None, None, 0.0, out, A, z, c, g) is None  # M = D, not 2 D
+
+
+# ------------------------------------------------------------------------------- causal
+
+def _causal_run(kind, q, k, v, pm, wr, h, dout=None):
+    """The causal kernel's ``(out, den, c)`` and, given ``dout``, its ``(dq, dk, dv)``."""
+    fwd = native.causal_feature_attention(kind, q, k, v, pm, wr, h)
+    if dout is None:
+        return fwd, None
+    return fwd, native.causal_feature_attention_backward(kind, q, k, v, pm, wr, h, *fwd, dout)
+
+
+@pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
+def test_native_causal_features_leak_nothing_from_later_keys(kind):
+    """Query i's output does not change, bit for bit, when any key or value after i
+    changes — for Performer even when a later key in the same block has a logit far above
+    the others (the weights' shift is each query's own running maximum, never a later
+    key's) — and a loss on the first rows gives the later keys and values zero gradients."""
+    vw = _vw()
+    q, k, v = _inputs(1, 2, 150, 150, vw, vw, 0.7, 11)
+    wr, h = _kind_args(kind, vw, 3)
+    out = _causal_run(kind, q, k, v, None, wr, h)[0][0]
+    for cut in (0, 37, 63, 64, 100):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, cut + 1:] = torch.randn_like(k2[:, :, cut + 1:]) * 8.0
+        v2[:, :, cut + 1:] += 100.0
+        out2 = _causal_run(kind, q, k2, v2, None, wr, h)[0][0]
+        assert torch.equal(out2[:, :, :cut + 1], out[:, :, :cut + 1]), cut
+        dout = torch.zeros_like(out)
+        dout[:, :, :cut + 1] = torch.randn_like(dout[:, :, :cut + 1])
+        _, (dq, dk, dv) = _causal_run(kind, q, k2, v2, None, wr, h, dout)
+        assert not dk[:, :, cut + 1:].any() and not dv[:, :, cut + 1:].any(), cut
+        assert not dq[:, :, cut + 1:].any()
+
+
+def test_native_causal_performer_keeps_early_queries_when_a_later_logit_jumps():
+    """A key whose logit is ~200 above the earlier ones (its features would underflow all
+    earlier keys' against a block-wide shift) leaves the earlier queries' outputs and
+    gradients as the float64 twin has them, and later queries see it dominate."""
+    vw = _vw()
+    q, k, v = _inputs(1, 1, 130, 130, vw, vw, 0.5, 2)
+    wr = torch.randn(2 * vw, vw, generator=torch.Generator().manual_seed(1)) * 20.0 / vw ** 0.5
+    k[0, 0, 40] = wr[0]  # its logit wr[0]·k - |k|²/2 = |wr[0]|²/2, ~200
+    h = 0.5
+    dout = torch.randn(1, 1, 130, vw, generator=torch.Generator().manual_seed(5))
+    (out, den, c), grads = _causal_run("favor", q, k, v, None, wr, h, dout)
+    assert c[0, 0, 40] > c[0, 0, 39] + 87
+    xs = [x.double().requires_grad_(True) for x in (q, k, v)]
+    phi_q, _ = kernel.performer_features(xs[0], wr.double(), "softmax", is_query=True)
+    phi_k, k_log = kernel.performer_features(xs[1], wr.double(), "softmax", is_query=False)
+    ref = kernel.feature_map_attention(phi_q, phi_k, xs[2], causal=True, k_log=k_log)
+    ref_grads = torch.autograd.grad(ref, xs, dout.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+    assert torch.isfinite(out).all() and out[0, 0, :40].abs().max() < 10
+
+
+@pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
+def test_native_causal_features_do_not_depend_on_the_thread_count(kind):
+    """Each (batch, head) is one scan on one thread: 1, 2 and 5 threads give the same
+    bits over three heads, forward and backward, padded keys' gradients zero."""
+    vw = _vw()
+    q, k, v = _inputs(1, 3, 300, 300, vw, vw, 0.5, 9)
+    pm = torch.ones(1, 300, dtype=torch.bool)
+    pm[0, 100:180] = False
+    wr, h = _kind_args(kind, vw, 4)
+    dout = torch.randn(1, 3, 300, vw)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            fwd, grads = _causal_run(kind, q, k, v, pm, wr, h, dout)
+            runs.append(fwd + grads)
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    assert not runs[0][4][0, :, 100:180].any() and not runs[0][5][0, :, 100:180].any()
+
+
+@pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
+def test_native_causal_gradients_are_the_derivative_of_its_forward(kind):
+    """Finite differences of the causal forward against its backward for coordinates in
+    the first and second blocks of q, k and v (more keys than queries: the keys past the
+    last query get zero gradients)."""
+    vw = _vw()
+    q, k, v = _inputs(1, 1, 90, 100, vw, vw, 0.7, 6)
+    wr, h = _kind_args(kind, vw, 2)
+    dout = torch.randn(1, 1, 90, vw, generator=torch.Generator().manual_seed(8))
+    _, grads = _causal_run(kind, q, k, v, None, wr, h, dout)
+    assert not grads[1][0, 0, 90:].any() and not grads[2][0, 0, 90:].any()
+    _assert_finite_differences(lambda *xs: native.causal_feature_attention(kind, *xs, None, wr, h)[0],
+                               (q, k, v), dout, grads,
+                               lambda n: ((0, 0, 0, 0), (0, 0, 70, vw - 1), (0, 0, 63, 2), (0, 0, 89, 1)))
+
+
+def test_native_causal_features_decline_what_they_do_not_take():
+    """As the non-causal kernel (one check of what it takes), and the backward declines
+    statistics of the wrong shape."""
+    vw = _vw()
+    q, k, v = _inputs(1, 2, 8, 8, vw, vw, 1.0, 0)
+    cf, bw = native.causal_feature_attention, native.causal_feature_attention_backward
+    assert cf("elu", q.double(), k.double(), v.double(), None) is None
+    assert cf("favor", q, k, v, None) is None
+    out, den, c = cf("elu", q, k, v, None)
+    g = torch.randn_like(out)
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, g) is not None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den[..., :-1], c, g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c.double(), g) is None

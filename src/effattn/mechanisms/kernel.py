@@ -30,7 +30,10 @@ gradient), on one native kernel (:func:`effattn.native.feature_attention`,
 backward recomputes them); the stream below with the kinds' :class:`StreamMap` objects is
 its twin.  B=1, H=4, D=64, the two alternated in one process, N = 16,384 forward /
 forward+backward: performer (256 features) 68.5 -> 37.1 / 206 -> 115 ms, linear 18.2 ->
-6.9 / 57.7 -> 26.0 ms, taylor 14.8 -> 7.5 / 61.5 -> 27.5 ms.
+6.9 / 57.7 -> 26.0 ms, taylor 14.8 -> 7.5 / 61.5 -> 27.5 ms.  Their causal forms run, under
+the same conditions, on :func:`effattn.native.causal_feature_attention`
+(``causal_features.c``: one scan per (batch, head) over blocks of 64 positions, whatever
+``chunk`` says — it sizes the torch path's chunks, its twin, and changes only rounding).
 
 Feature maps whose key features need a large per-key factor (Performer's
 ``exp(w·k - |k|²/2)``, the trig kernel's ``exp(|k|²/2)``) return them in log-scaled
@@ -994,35 +997,50 @@ class PerformerSoftmaxMap(StreamMap):
 USE_NATIVE_FEATURES = True
 
 
+#: the names in :mod:`effattn.native` of the kernels of each direction (causal?): (forward,
+#: backward)
+_NATIVE_PASSES = {False: ("feature_attention", "feature_attention_backward"),
+                  True: ("causal_feature_attention", "causal_feature_attention_backward")}
+
+
+def _native_pass(causal: bool, which: int):
+    """The native kernel function of ``causal`` attention, forward (0) or backward (1)."""
+    return getattr(native, _NATIVE_PASSES[causal][which])
+
+
 class _NativeFeatures(torch.autograd.Function):
-    """:func:`effattn.native.feature_attention` with its backward (the features recomputed
-    there; only the output and the ``[M, Dv]`` sums are kept)."""
+    """:func:`effattn.native.feature_attention` (``causal``:
+    :func:`effattn.native.causal_feature_attention`) with its backward (the features
+    recomputed there; only the output and the kernel's small statistics are kept)."""
 
     @staticmethod
-    def forward(ctx, kind, q, k, v, wr, h, padding_mask):
-        out, A, z, c = native.feature_attention(kind, q, k, v, padding_mask, wr, h)
-        ctx.kind, ctx.h, ctx.padding_mask, ctx.has_wr = kind, h, padding_mask, wr is not None
-        ctx.save_for_backward(q, k, v, out, A, z, c, *(() if wr is None else (wr,)))
+    def forward(ctx, kind, causal, q, k, v, wr, h, padding_mask):
+        out, *stats = _native_pass(causal, 0)(kind, q, k, v, padding_mask, wr, h)
+        ctx.kind, ctx.causal, ctx.h, ctx.padding_mask = kind, causal, h, padding_mask
+        ctx.n_stats, ctx.has_wr = len(stats), wr is not None
+        ctx.save_for_backward(q, k, v, out, *stats, *(() if wr is None else (wr,)))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, A, z, c, *wr = ctx.saved_tensors
-        got = native.feature_attention_backward(
-            ctx.kind, q, k, v, ctx.padding_mask, wr[0] if ctx.has_wr else None, ctx.h, out, A, z, c,
-            dout.to(out.dtype).contiguous(), ctx.needs_input_grad[1:4])
+        q, k, v, out, *rest = ctx.saved_tensors
+        stats, wr = rest[:ctx.n_stats], rest[ctx.n_stats] if ctx.has_wr else None
+        got = _native_pass(ctx.causal, 1)(ctx.kind, q, k, v, ctx.padding_mask, wr, ctx.h, out, *stats,
+                                            dout.to(out.dtype).contiguous(), ctx.needs_input_grad[2:5])
         if got is None:  # the forward's tensors served, so only a failed build lands here
-            raise RuntimeError("effattn.native.feature_attention_backward declined the forward's tensors")
-        return (None, *got, None, None, None)
+            raise RuntimeError("effattn.native: the feature-attention backward declined the forward's tensors")
+        return (None, None, *got, None, None, None)
 
 
-def _native_features(kind: str, q, k, v, padding_mask, w=None, r: float = 1.0) -> Optional[torch.Tensor]:
-    """Non-causal feature-map attention of ``q, k [B, H, N·, D]``, ``v [B, H, Nk, Dv]``
-    (padded rows zero) on the native kernel (``kind`` as
-    :func:`effattn.native.feature_attention`; ``"favor"`` with the projection ``w [M, D]``
-    and ``r = scale ** 0.5``) -> ``out [B, H, Nq, Dv]``, or None where it does not serve
-    (:data:`USE_NATIVE_FEATURES` off, ``w`` requiring grad, tensors it does not take)."""
+def _native_features(kind: str, q, k, v, padding_mask, w=None, r: float = 1.0,
+                     causal: bool = False) -> Optional[torch.Tensor]:
+    """Feature-map attention of ``q, k [B, H, N·, D]``, ``v [B, H, Nk, Dv]`` (padded rows
+    zero) on the native kernels (``kind`` as :func:`effattn.native.feature_attention`;
+    ``"favor"`` with the projection ``w [M, D]`` and ``r = scale ** 0.5``; ``causal``:
+    :func:`effattn.native.causal_feature_attention`) -> ``out [B, H, Nq, Dv]``, or None where
+    they do not serve (:data:`USE_NATIVE_FEATURES` off, ``w`` requiring grad, tensors they
+    do not take)."""
     if not USE_NATIVE_FEATURES or (w is not None and w.requires_grad):
         return None
     wr = None if w is None else (w * r).contiguous()
@@ -1030,8 +1048,8 @@ def _native_features(kind: str, q, k, v, padding_mask, w=None, r: float = 1.0) -
         return None
     h = 0.5 * r * r if w is not None else 0.0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _NativeFeatures.apply(kind, q, k, v, wr, h, padding_mask)
-    return native.feature_attention(kind, q, k, v, padding_mask, wr, h)[0]
+        return _NativeFeatures.apply(kind, causal, q, k, v, wr, h, padding_mask)
+    return _native_pass(causal, 0)(kind, q, k, v, padding_mask, wr, h)[0]
 
 
 # --------------------------------------------------------------------------- methods
@@ -1049,16 +1067,16 @@ def _flops_path(B, H, Nq, Nk, M, Dv, causal, chunk):
 
 def _apply_map(phi, q, k, v, M, causal, padding_mask, chunk, maps=None, native_kind=None):
     """One feature map ``phi`` (``[..., D] -> [..., M]``, the same for queries and keys)
-    through the shared path: causal on whole feature tensors, non-causal on the native
-    kernel's ``native_kind`` where it serves, else streamed (with ``maps = (query map, key
+    through the shared path: on the native kernels' ``native_kind`` where they serve, else
+    causal on whole feature tensors, non-causal streamed (with ``maps = (query map, key
     map)`` when given, e.g. :class:`StreamMap` objects)."""
+    if native_kind is not None:
+        got = _native_features(native_kind, q, k, v, padding_mask, causal=causal)
+        if got is not None:
+            return got
     if causal:
         return feature_map_attention(phi(q), phi(k), v, causal=True, padding_mask=padding_mask,
                                      chunk=chunk)
-    if native_kind is not None:
-        got = _native_features(native_kind, q, k, v, padding_mask)
-        if got is not None:
-            return got
     q_map, k_map = maps or (phi, lambda x: (phi(x), None))
     return streamed_feature_attention((q,), (k,), v, q_map, k_map, n_features=M,
                                       padding_mask=padding_mask)
@@ -1142,13 +1160,14 @@ def performer_attention(q, k, v, *, causal, padding_mask, scale, return_lse, sha
         projection = performer_projection(n_features, D, seed=seed, redraw=redraw, generator=generator)
     w = projection.to(device=qc.device, dtype=qc.dtype)
     r = scale ** 0.5
-    if causal:
+    if kernel == "softmax" and (got := _native_features("favor", qc, kc, vc, padding_mask, w, r,
+                                                        causal=causal)) is not None:
+        out = got
+    elif causal:
         phi_q, _ = performer_features(qc, w, kernel, is_query=True, r=r)
         phi_k, k_log = performer_features(kc, w, kernel, is_query=False, r=r)
         out = feature_map_attention(phi_q, phi_k, vc, causal=True, padding_mask=padding_mask,
                                     k_log=k_log, chunk=chunk)
-    elif kernel == "softmax" and (got := _native_features("favor", qc, kc, vc, padding_mask, w, r)) is not None:
-        out = got
     else:
         if kernel == "softmax":
             maps = (PerformerSoftmaxMap(r, is_query=True), PerformerSoftmaxMap(r, is_query=False))

@@ -28,7 +28,8 @@ block of rows read once per pass instead of a chain of torch passes over it;
 :func:`queries_over_landmarks` and :func:`landmarks_over_keys` (``landmarks.c``, with their
 backwards) Nystromformer's two long products, the same way, and :func:`feature_attention`
 (with its backward; ``feature_attention.c``) non-causal Performer (positive features),
-linear and Taylor attention
+linear and Taylor attention, and :func:`causal_feature_attention` (``causal_features.c``)
+their causal forms (``features.h``: the feature maps both share)
 (``rowblocks.h``: the row-block products and the row and column softmaxes these files
 share).  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
@@ -66,7 +67,8 @@ __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "
            "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
            "efficient_backward", "queries_over_landmarks", "queries_over_landmarks_backward",
            "landmarks_over_keys", "landmarks_over_keys_backward", "nystrom_core",
-           "nystrom_core_backward", "feature_attention", "feature_attention_backward"]
+           "nystrom_core_backward", "feature_attention", "feature_attention_backward",
+           "causal_feature_attention", "causal_feature_attention_backward"]
 
 #: the kernels' sources, compiled together into one library, and the headers they share
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
@@ -205,7 +207,8 @@ def _library():
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 3 + [ptr, i64] * 2 + [i64] * 5 + [f32, i64] + [ptr] * outs + [cint]
         fn.restype = None
-    for name, outs in (("feature_attention_f32", 4), ("feature_attention_backward_f32", 8)):
+    for name, outs in (("feature_attention_f32", 4), ("feature_attention_backward_f32", 8),
+                       ("causal_feature_attention_f32", 3), ("causal_feature_attention_backward_f32", 7)):
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 5 + [cint] + [i64] * 7 + [f32] + [ptr] * outs + [cint]
         fn.restype = None
@@ -846,6 +849,49 @@ def feature_attention_serves(kind: str, q, k, v, k_valid, wr=None) -> bool:
         return _features_config(kind, q, k, v, k_valid, wr) is not None
 
 
+def _feature_stats_shapes(causal: bool, B: int, H: int, Nq: int, M: int, Dv: int):
+    """The shapes of what the feature kernels' forward keeps for the backward: non-causal
+    ``A, z, c``, causal ``den, c``."""
+    return [(B, H, Nq), (B, H, Nq)] if causal else [(B, H, M, Dv), (B, H, M), (B, H)]
+
+
+def _run_features(causal: bool, kind, q, k, v, k_valid, wr, h):
+    """:func:`feature_attention` (``causal``: :func:`causal_feature_attention`)."""
+    got = _features_config(kind, q, k, v, k_valid, wr)
+    if got is None:
+        return None
+    lib, kv, M = got
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    out = torch.empty(B, H, Nq, Dv)
+    stats = [torch.empty(shape) for shape in _feature_stats_shapes(causal, B, H, Nq, M, Dv)]
+    fn = lib.effattn_causal_feature_attention_f32 if causal else lib.effattn_feature_attention_f32
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr), FEATURE_KINDS[kind], B * H, H, Nq, Nk, D,
+       Dv, M, h, out.data_ptr(), *(t.data_ptr() for t in stats), torch.get_num_threads())
+    return (out, *stats)
+
+
+def _run_features_backward(causal: bool, kind, q, k, v, k_valid, wr, h, out, stats, dout, need):
+    """:func:`feature_attention_backward` (``causal``:
+    :func:`causal_feature_attention_backward`); ``stats`` the forward's statistics."""
+    got = _features_config(kind, q, k, v, k_valid, wr, (out, *stats, dout))
+    if got is None:
+        return None
+    lib, kv, M = got
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    if (tuple(out.shape) != (B, H, Nq, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)
+            or [tuple(t.shape) for t in stats] != _feature_stats_shapes(causal, B, H, Nq, M, Dv)):
+        return None
+    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
+    fn = (lib.effattn_causal_feature_attention_backward_f32 if causal
+          else lib.effattn_feature_attention_backward_f32)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr), FEATURE_KINDS[kind], B * H, H, Nq, Nk, D,
+       Dv, M, h, out.data_ptr(), *(t.data_ptr() for t in stats), dout.data_ptr(), *map(_ptr, grads),
+       torch.get_num_threads())
+    return tuple(grads)
+
+
 def feature_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor] = None,
                       h: float = 0.0):
@@ -865,18 +911,7 @@ def feature_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for the others).  None where it does not serve: not loaded, not float32 contiguous on
     the CPU, gradients wanted, ``D``, ``Dv`` or ``M`` not a multiple of the vector width (16
     with AVX-512, else 8), an empty side."""
-    got = _features_config(kind, q, k, v, k_valid, wr)
-    if got is None:
-        return None
-    lib, kv, M = got
-    B, H, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[-1]
-    out, A = torch.empty(B, H, Nq, Dv), torch.empty(B, H, M, Dv)
-    z, c = torch.empty(B, H, M), torch.empty(B, H)
-    lib.effattn_feature_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr),
-                                      FEATURE_KINDS[kind], B * H, H, Nq, Nk, D, Dv, M, h, out.data_ptr(),
-                                      A.data_ptr(), z.data_ptr(), c.data_ptr(), torch.get_num_threads())
-    return out, A, z, c
+    return _run_features(False, kind, q, k, v, k_valid, wr, h)
 
 
 def feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -887,19 +922,29 @@ def feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: t
     ``out, A, z, c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask
     for), or None where it does not serve (as :func:`feature_attention`; those tensors too
     float32 contiguous).  The features are recomputed; ``wr`` gets no gradient."""
-    got = _features_config(kind, q, k, v, k_valid, wr, (out, A, z, c, dout))
-    if got is None:
-        return None
-    lib, kv, M = got
-    B, H, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[-1]
-    if (tuple(out.shape) != (B, H, Nq, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)
-            or tuple(A.shape) != (B, H, M, Dv) or tuple(z.shape) != (B, H, M)
-            or tuple(c.shape) != (B, H)):
-        return None
-    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
-    lib.effattn_feature_attention_backward_f32(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr), FEATURE_KINDS[kind], B * H, H, Nq,
-        Nk, D, Dv, M, h, out.data_ptr(), A.data_ptr(), z.data_ptr(), c.data_ptr(), dout.data_ptr(),
-        *map(_ptr, grads), torch.get_num_threads())
-    return tuple(grads)
+    return _run_features_backward(False, kind, q, k, v, k_valid, wr, h, out, (A, z, c), dout, need)
+
+
+def causal_feature_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor] = None,
+                             h: float = 0.0):
+    """Causal feature-map attention, query ``i`` over the real keys ``j <= i`` (top-left
+    aligned), fused (``causal_features.c``; :func:`effattn.mechanisms.kernel.feature_map_attention`
+    with ``causal=True`` on the kind's features is its torch twin): ``kind``, ``wr``, ``h`` and
+    the tensors as :func:`feature_attention` -> ``(out [B, H, Nq, Dv], den [B, H, Nq],
+    c [B, H, Nq])``: the output and what the backward takes (each query's normalizer, 0 for a
+    zero output row; ``"favor"``: the shift its weights are taken against, the largest
+    logit of a real key up to it, ``-inf`` before the first; 0 for the other kinds).  None
+    where it does not serve (as :func:`feature_attention`)."""
+    return _run_features(True, kind, q, k, v, k_valid, wr, h)
+
+
+def causal_feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor],
+                                      h: float, out: torch.Tensor, den: torch.Tensor, c: torch.Tensor,
+                                      dout: torch.Tensor, need=(True, True, True)):
+    """The gradients of :func:`causal_feature_attention` for ``dout [B, H, Nq, Dv]``, with its
+    ``out, den, c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask
+    for), or None where it does not serve.  The features are recomputed (two scans: forward
+    for ``dq``, reverse for ``dk``, ``dv``); ``wr`` gets no gradient."""
+    return _run_features_backward(True, kind, q, k, v, k_valid, wr, h, out, (den, c), dout, need)
