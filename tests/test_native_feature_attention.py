@@ -284,28 +284,39 @@ def test_native_causal_performer_keeps_early_queries_when_a_later_logit_jumps():
 
 
 @pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
-def test_native_causal_features_do_not_depend_on_the_thread_count(kind):
-    """Each (batch, head) is one scan on one thread: 1, 2 and 5 threads give the same
-    bits over three heads, forward and backward, padded keys' gradients zero."""
+@pytest.mark.parametrize("heads", [1, 3])
+def test_native_causal_features_split_scans_over_threads_alike(kind, heads):
+    """With at least as many (batch, head)s as threads each is one scan on one thread (the
+    same bits whatever the count); with fewer, each scan is split into parts that start
+    from the sums of the positions before them (keys) and after them (the queries'
+    gradients), taken in a pass of their own: the same result up to rounding — across a
+    padded stretch, a key with a large Performer logit late in the sequence and keys past
+    the last query (zero gradients), forward and backward."""
     vw = _vw()
-    q, k, v = _inputs(1, 3, 300, 300, vw, vw, 0.5, 9)
-    pm = torch.ones(1, 300, dtype=torch.bool)
-    pm[0, 100:180] = False
+    q, k, v = _inputs(1, heads, 700, 760, vw, vw, 0.5, 9)
+    k[:, :, 520] *= 6.0
+    pm = torch.ones(1, 760, dtype=torch.bool)
+    pm[0, 100:330] = False
     wr, h = _kind_args(kind, vw, 4)
-    dout = torch.randn(1, 3, 300, vw)
+    dout = torch.randn(1, heads, 700, vw)
     before = torch.get_num_threads()
-    runs = []
+    runs = {}
     try:
-        for threads in (1, 2, 5):
+        for threads in (1, heads, 2, 8):
             torch.set_num_threads(threads)
             fwd, grads = _causal_run(kind, q, k, v, pm, wr, h, dout)
-            runs.append(fwd + grads)
+            runs[threads] = fwd + grads
     finally:
         torch.set_num_threads(before)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
-    assert not runs[0][4][0, :, 100:180].any() and not runs[0][5][0, :, 100:180].any()
+    for a, b in zip(runs[heads], runs[1]):
+        assert torch.equal(a, b)
+    for threads in (2, 8):
+        for a, b in zip(runs[threads], runs[1]):
+            scale = max(1.0, b[torch.isfinite(b)].abs().max().item())
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+    dk, dv = runs[8][4], runs[8][5]
+    for g in (dk, dv):
+        assert not g[0, :, 100:330].any() and not g[0, :, 700:].any()
 
 
 @pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))

@@ -30,8 +30,10 @@
  *     G^T + gz) (psi_j = U_j exp(s_j - R_t)), then dk_j through the key features (FA_FAVOR
  *     du_j = U_j dU_j: the gradient of u(k_j), s_j being a constant that cancels).
  *
- * Threads: the (batch, head)s are shared out, each scanned by one thread (a result does
- * not depend on the thread count). */
+ * Threads: with at least as many (batch, head)s as threads each is scanned by one thread
+ * (the same bits whatever their count); with fewer, each scan is split into parts, which
+ * start from the carried sums of the positions before them (the keys') and after them (the
+ * queries' gradients), taken first in a pass of their own (scan_parts). */
 #include "features.h"
 
 /* A thread's scratch for one block. */
@@ -214,23 +216,215 @@ static inline __attribute__((always_inline)) void block_weight_grads(
     }
 }
 
+/* The block's queries (features b->P [r][M], gn b->G [r][Dv], gd; shifts b->c) added to the
+ * carried sums G [M][Dv], G^T [Dv][M] (where not NULL) and gz [M], each query scaled by
+ * exp(Rref - c_i) (FA_FAVOR; gn and gd scaled in place). */
+static inline __attribute__((always_inline)) void add_block_queries(
+    const int kind, const int64_t Dv, const int64_t M, Block *b, int64_t r, float Rref, float *G, float *GT,
+    float *gz) {
+    if (kind == FA_FAVOR)
+        for (int64_t i = 0; i < r; i++) {
+            const float fi = shift_factor(Rref, b->c[i]);
+            const vf fv = vsplat(fi);
+            for (int64_t x = 0; x < Dv; x += VW) vstore(b->G + i * Dv + x, vload(b->G + i * Dv + x) * fv);
+            b->gd[i] *= fi;
+        }
+    add_transposed_times(b->P, r, M, b->G, Dv, G);
+    if (GT != NULL) add_transposed_times(b->G, r, Dv, b->P, M, GT);
+    for (int64_t x = 0; x < M; x += VW) {
+        vf s = vload(gz + x);
+        for (int64_t i = 0; i < r; i++) s += vbcast(b->gd + i) * vload(b->P + i * M + x);
+        vstore(gz + x, s);
+    }
+}
+
+/* ------------------------------------------------------------------ parts of a scan */
+
+/* Parts each (batch, head)'s scan is split into (whole blocks): 1 where there are at least
+ * as many (batch, head)s as threads; else enough for every thread.  A part past the first
+ * starts from the sums of the positions before it (the keys') or after it (the queries'
+ * gradients), taken first in a pass of their own (key_prefixes, query_suffixes). */
+static inline int64_t scan_parts(int64_t BH, int64_t Nq, int nthreads) {
+    if (BH >= nthreads) return 1;
+    const int64_t p = (nthreads + BH - 1) / BH, blocks = (Nq + RB - 1) / RB;
+    return p > blocks ? blocks : p;
+}
+
+/* Each item's (bh * parts + part) carried sums in: m [items] (the shift), z [items][M],
+ * S [items][M][Dv]; all NULL with one part (every scan starts from zero). */
+typedef struct {
+    float *m, *z, *S;
+} Carry;
+
+static void carry_free(Carry *c) {
+    free(c->m);
+    free(c->z);
+    free(c->S);
+}
+
+static Carry carry_alloc(int64_t items, int64_t M, int64_t Dv) {
+    Carry c = {aligned_alloc(64, sizeof(float) * items), aligned_alloc(64, sizeof(float) * items * M),
+               aligned_alloc(64, sizeof(float) * items * M * Dv)};
+    return c;
+}
+
+/* Item `it`'s carried sums into S ([M][Dv], or [Dv][M] transposed) and z; returns its
+ * shift (zeros and FA_FAVOR's -inf, else 0, where there is no carry). */
+static float carry_in(const Carry *c, int kind, int64_t it, int64_t M, int64_t Dv, int transposed_S, float *S,
+                      float *z) {
+    if (c->m == NULL) {
+        memset(S, 0, sizeof(float) * M * Dv);
+        memset(z, 0, sizeof(float) * M);
+        return kind == FA_FAVOR ? -INFINITY : 0.0f;
+    }
+    if (transposed_S)
+        transpose_each(c->S + it * M * Dv, 1, M, Dv, S);
+    else
+        memcpy(S, c->S + it * M * Dv, sizeof(float) * M * Dv);
+    memcpy(z, c->z + it * M, sizeof(float) * M);
+    return c->m[it];
+}
+
+/* (m, z, S) += (m2, z2, S2) against the larger shift (sums of M and M * Dv floats). */
+static void merge_sums(float *m, float *z, float *S, float m2, const float *z2, const float *S2, int64_t M,
+                       int64_t Dv) {
+    const float mx = fmaxf(*m, m2);
+    if (mx == -INFINITY) return; /* neither has a valid key */
+    const float s1 = shift_factor(*m, mx), s2 = shift_factor(m2, mx);
+    for (int64_t i = 0; i < M; i++) z[i] = z[i] * s1 + z2[i] * s2;
+    for (int64_t i = 0; i < M * Dv; i++) S[i] = S[i] * s1 + S2[i] * s2;
+    *m = mx;
+}
+
+/* Part `it`'s queries' sums G [M][Dv], gz [M] for the reverse scan (key_grads_scan's
+ * carried sums) against the shift c at the position before the part. */
+static inline __attribute__((always_inline)) void query_sums_part(
+    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *out,
+    const float *den, const float *cs, const float *dout, const float *WrT, int64_t Nq, int64_t parts, int64_t it,
+    Block *b, float *G, float *gz) {
+    const int64_t bh = it / parts;
+    int64_t a0, a1;
+    part_rows(Nq, it % parts, parts, &a0, &a1);
+    const float *cb = cs + bh * Nq, Rref = kind == FA_FAVOR && a0 > 0 ? cb[a0 - 1] : 0.0f;
+    memset(G, 0, sizeof(float) * M * Dv);
+    memset(gz, 0, sizeof(float) * M);
+    for (int64_t a = a0; a < a1; a += RB) {
+        const int64_t r = a1 - a < RB ? a1 - a : RB;
+        query_features(kind, q + bh * Nq * D, a, r, D, WrT, M, b->P, b->xq);
+        normalizer_grads(dout + (bh * Nq + a) * Dv, out + (bh * Nq + a) * Dv, den + bh * Nq + a, r,
+                         (r + 3) & ~(int64_t)3, Dv, b->G, b->gd);
+        memcpy(b->c, cb + a, sizeof(float) * r);
+        add_block_queries(kind, Dv, M, b, r, Rref, G, NULL, gz);
+    }
+}
+
+/* Each part's own sums (items bh * parts + part): keys (keys_side 1) their key_sums_rows
+ * over the part's key rows, else query_sums_part (the arguments of the other side unused). */
+static Carry own_sums(int keys_side, int kind, const float *k, const float *v, const uint8_t *kvalid,
+                      const float *q, const float *out, const float *den, const float *c, const float *dout,
+                      const float *WrT, int64_t BH, int64_t H, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv,
+                      int64_t M, float h, int64_t parts, int nthreads) {
+    const int64_t items = BH * parts;
+    Carry own = carry_alloc(items, M, Dv);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi;
+        thread_share(items, &lo, &hi);
+        Block b;
+        block_alloc(&b, D, Dv, M);
+        for (int64_t it = lo; it < hi; it++) {
+            const int64_t bh = it / parts;
+            int64_t a0, a1;
+            part_rows(Nq, it % parts, parts, &a0, &a1);
+            if (keys_side) {
+                if (a1 > Nk) a1 = Nk;
+                if (a0 > a1) a0 = a1;
+                BY_KIND(key_sums_rows, k + bh * Nk * D, v + bh * Nk * Dv, kvalid ? kvalid + (bh / H) * Nk : NULL,
+                        a0, a1, WrT, h, b.U, b.xk, own.m + it, own.z + it * M, own.S + it * M * Dv);
+            } else {
+                own.m[it] = kind == FA_FAVOR && a0 > 0 ? c[bh * Nq + a0 - 1] : 0.0f;
+                BY_KIND(query_sums_part, q, out, den, c, dout, WrT, Nq, parts, it, &b, own.S + it * M * Dv,
+                        own.z + it * M);
+            }
+        }
+        block_free(&b);
+    }
+    return own;
+}
+
+/* The keys' carried sums into each part of every (batch, head): the sums of the keys
+ * before it (own_sums, then an exclusive scan over the parts). */
+static Carry key_prefixes(int kind, const float *k, const float *v, const uint8_t *kvalid, const float *WrT,
+                          int64_t BH, int64_t H, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv, int64_t M,
+                          float h, int64_t parts, int nthreads) {
+    Carry in = {0};
+    if (parts == 1) return in;
+    const int64_t items = BH * parts;
+    Carry own = own_sums(1, kind, k, v, kvalid, NULL, NULL, NULL, NULL, NULL, WrT, BH, H, Nq, Nk, D, Dv, M, h,
+                         parts, nthreads);
+    in = carry_alloc(items, M, Dv);
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const int64_t i0 = bh * parts;
+        in.m[i0] = kind == FA_FAVOR ? -INFINITY : 0.0f;
+        memset(in.z + i0 * M, 0, sizeof(float) * M);
+        memset(in.S + i0 * M * Dv, 0, sizeof(float) * M * Dv);
+        for (int64_t p = 1; p < parts; p++) {
+            const int64_t it = i0 + p;
+            in.m[it] = in.m[it - 1];
+            memcpy(in.z + it * M, in.z + (it - 1) * M, sizeof(float) * M);
+            memcpy(in.S + it * M * Dv, in.S + (it - 1) * M * Dv, sizeof(float) * M * Dv);
+            merge_sums(in.m + it, in.z + it * M, in.S + it * M * Dv, own.m[it - 1], own.z + (it - 1) * M,
+                       own.S + (it - 1) * M * Dv, M, Dv);
+        }
+    }
+    carry_free(&own);
+    return in;
+}
+
+/* The later queries' carried sums into each part of every (batch, head) for the reverse
+ * scan: own_sums, then an exclusive scan over the parts from the last, each part's sums
+ * moved to the shift before the part they go into. */
+static Carry query_suffixes(int kind, const float *q, const float *out, const float *den, const float *c,
+                            const float *dout, const float *WrT, int64_t BH, int64_t Nq, int64_t D, int64_t Dv,
+                            int64_t M, int64_t parts, int nthreads) {
+    Carry in = {0};
+    if (parts == 1) return in;
+    const int64_t items = BH * parts;
+    Carry own = own_sums(0, kind, NULL, NULL, NULL, q, out, den, c, dout, WrT, BH, 1, Nq, Nq, D, Dv, M, 0.0f,
+                         parts, nthreads);
+    in = carry_alloc(items, M, Dv);
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const int64_t last = bh * parts + parts - 1;
+        memset(in.z + last * M, 0, sizeof(float) * M);
+        memset(in.S + last * M * Dv, 0, sizeof(float) * M * Dv);
+        for (int64_t it = last - 1; it >= bh * parts; it--) {
+            /* into part it: part it + 1's sums and what went into it, at part it + 1's shift */
+            const float g = it + 2 <= last ? (kind == FA_FAVOR ? shift_factor(own.m[it + 1], own.m[it + 2]) : 1.0f)
+                                           : 0.0f;
+            for (int64_t i = 0; i < M; i++) in.z[it * M + i] = own.z[(it + 1) * M + i] + g * in.z[(it + 1) * M + i];
+            for (int64_t i = 0; i < M * Dv; i++)
+                in.S[it * M * Dv + i] = own.S[(it + 1) * M * Dv + i] + g * in.S[(it + 1) * M * Dv + i];
+        }
+    }
+    carry_free(&own);
+    return in;
+}
+
 /* ------------------------------------------------------------------------------ forward */
 
-/* The forward-order scan of one (batch, head): its outputs, den and c (grads 0), or dq from
- * dout (grads 1; out and den the forward's).  S [M][Dv] (grads 0) or S^T [Dv][M] (grads 1)
- * and z: the carried sums (scratch). */
+/* The forward-order scan of positions lo .. hi - 1 of one (batch, head): their outputs, den
+ * and c (grads 0), or dq from dout (grads 1; out and den the forward's).  The carried sums
+ * in: S [M][Dv] (grads 0) or S^T [Dv][M] (grads 1), z [M] against the shift R (the keys
+ * before lo; updated in place). */
 static inline __attribute__((always_inline)) void forward_scan(
     const int kind, const int64_t D, const int64_t Dv, const int64_t M, const int grads, const float *q,
     const float *k, const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT,
-    const float *Wr, float h, float *out, float *den, float *cs, const float *dout, int64_t bh, float *dq,
-    Block *b, float *S, float *z) {
+    const float *Wr, float h, float *out, float *den, float *cs, const float *dout, int64_t bh, int64_t lo,
+    int64_t hi, float *dq, Block *b, float *S, float *z, float R) {
     const float *qb = q + bh * Nq * D, *kb = k + bh * Nk * D, *vbh = v + bh * Nk * Dv;
     const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
     float *ob = out + bh * Nq * Dv;
-    memset(S, 0, sizeof(float) * M * Dv);
-    memset(z, 0, sizeof(float) * M);
-    float R = kind == FA_FAVOR ? -INFINITY : 0.0f;
-    for (int64_t a = 0; a < Nq; a += RB) {
+    for (int64_t a = lo; a < hi; a += RB) {
         const int64_t r = Nq - a < RB ? Nq - a : RB, r4 = (r + 3) & ~(int64_t)3;
         const int64_t rk = block_keys(a, r, Nk);
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
@@ -302,40 +496,45 @@ void effattn_causal_feature_attention_f32(const float *q, const float *k, const 
                                           int64_t M, float h, float *out, float *den, float *c,
                                           int nthreads) {
     float *WrT = transposed(Wr, M, D);
-#pragma omp parallel num_threads(nthreads) if (BH > 1)
+    const int64_t parts = scan_parts(BH, Nq, nthreads), items = BH * parts;
+    Carry in = key_prefixes(kind, k, v, kvalid, WrT, BH, H, Nq, Nk, D, Dv, M, h, parts, nthreads);
+#pragma omp parallel num_threads(nthreads) if (items > 1)
     {
         int64_t lo, hi;
-        thread_share(BH, &lo, &hi);
+        thread_share(items, &lo, &hi);
         Block b;
         block_alloc(&b, D, Dv, M);
         float *S = aligned_alloc(64, sizeof(float) * M * Dv), *z = aligned_alloc(64, sizeof(float) * M);
-        for (int64_t bh = lo; bh < hi; bh++)
-            BY_KIND(forward_scan, 0, q, k, v, kvalid, H, Nq, Nk, WrT, NULL, h, out, den, c, NULL, bh, NULL, &b, S,
-                    z);
+        for (int64_t it = lo; it < hi; it++) {
+            int64_t a0, a1;
+            part_rows(Nq, it % parts, parts, &a0, &a1);
+            const float R = carry_in(&in, kind, it, M, Dv, 0, S, z);
+            BY_KIND(forward_scan, 0, q, k, v, kvalid, H, Nq, Nk, WrT, NULL, h, out, den, c, NULL, it / parts, a0,
+                    a1, NULL, &b, S, z, R);
+        }
         free(S);
         free(z);
         block_free(&b);
     }
+    carry_free(&in);
     free(WrT);
 }
 
 /* ----------------------------------------------------------------------------- backward */
 
-/* The reverse-order scan of one (batch, head): dk, dv (each where not NULL). */
-static inline __attribute__((always_inline)) void key_grads_head(
+/* The reverse-order scan of positions hi - 1 .. lo of one (batch, head): dk, dv (each where
+ * not NULL).  The carried sums of the later queries in: G [M][Dv], G^T [Dv][M], gz [M]
+ * against the shift c at hi - 1 (updated in place). */
+static inline __attribute__((always_inline)) void key_grads_scan(
     const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *k,
     const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT,
     const float *Wr, float h, const float *out, const float *den, const float *cs, const float *dout,
-    int64_t bh, float *dk, float *dv, Block *b, float *G, float *GT, float *gz) {
+    int64_t bh, int64_t lo, int64_t hi, float *dk, float *dv, Block *b, float *G, float *GT, float *gz) {
     const float *qb = q + bh * Nq * D, *kb = k + bh * Nk * D, *vbh = v + bh * Nk * Dv;
     const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
     const float *cb = cs + bh * Nq;
-    memset(G, 0, sizeof(float) * M * Dv);
-    memset(GT, 0, sizeof(float) * Dv * M);
-    memset(gz, 0, sizeof(float) * M);
-    const int64_t nblocks = (Nq + RB - 1) / RB;
-    for (int64_t t = nblocks - 1; t >= 0; t--) {
-        const int64_t a = t * RB, r = Nq - a < RB ? Nq - a : RB;
+    for (int64_t a = (hi - 1) / RB * RB; a >= lo; a -= RB) {
+        const int64_t r = Nq - a < RB ? Nq - a : RB;
         const int64_t rk = block_keys(a, r, Nk), rk4 = (rk + 3) & ~(int64_t)3;
         const float R = kind != FA_FAVOR ? 0.0f : a == 0 ? -INFINITY : cb[a - 1];
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
@@ -390,20 +589,8 @@ static inline __attribute__((always_inline)) void key_grads_head(
             for (int64_t i = 0; i < M * Dv; i++) G[i] *= g, GT[i] *= g;
             for (int64_t x = 0; x < M; x++) gz[x] *= g;
         }
-        if (t == 0) break;
-        for (int64_t i = 0; i < r; i++) {
-            const float fi = kind == FA_FAVOR ? shift_factor(R, b->c[i]) : 1.0f;
-            const vf fv = vsplat(fi);
-            for (int64_t x = 0; x < Dv; x += VW) vstore(b->G + i * Dv + x, vload(b->G + i * Dv + x) * fv);
-            b->gd[i] *= fi;
-        }
-        add_transposed_times(b->P, r, M, b->G, Dv, G);
-        add_transposed_times(b->G, r, Dv, b->P, M, GT);
-        for (int64_t x = 0; x < M; x += VW) {
-            vf s = vload(gz + x);
-            for (int64_t i = 0; i < r; i++) s += vbcast(b->gd + i) * vload(b->P + i * M + x);
-            vstore(gz + x, s);
-        }
+        if (a == lo) break; /* the part's first block: its queries go to the parts before */
+        add_block_queries(kind, Dv, M, b, r, R, G, GT, gz);
     }
 }
 
@@ -422,26 +609,41 @@ void effattn_causal_feature_attention_backward_f32(
             if (dv != NULL) memset(dv + (bh * Nk + Nq) * Dv, 0, sizeof(float) * (Nk - Nq) * Dv);
         }
     }
-#pragma omp parallel num_threads(nthreads) if (BH > 1)
+    const int64_t parts = scan_parts(BH, Nq, nthreads), items = BH * parts;
+    const int keys = dk != NULL || dv != NULL;
+    Carry kin = {0}, qin = {0};
+    if (dq != NULL) kin = key_prefixes(kind, k, v, kvalid, WrT, BH, H, Nq, Nk, D, Dv, M, h, parts, nthreads);
+    if (keys) qin = query_suffixes(kind, q, out, den, c, dout, WrT, BH, Nq, D, Dv, M, parts, nthreads);
+#pragma omp parallel num_threads(nthreads) if (items > 1)
     {
         int64_t lo, hi;
-        thread_share(BH, &lo, &hi);
+        thread_share(items, &lo, &hi);
         Block b;
         block_alloc(&b, D, Dv, M);
         float *S = aligned_alloc(64, sizeof(float) * M * Dv), *ST = aligned_alloc(64, sizeof(float) * M * Dv);
         float *z = aligned_alloc(64, sizeof(float) * M);
-        for (int64_t bh = lo; bh < hi; bh++) {
-            if (dq != NULL)
+        for (int64_t it = lo; it < hi; it++) {
+            const int64_t bh = it / parts;
+            int64_t a0, a1;
+            part_rows(Nq, it % parts, parts, &a0, &a1);
+            if (dq != NULL) {
+                const float R = carry_in(&kin, kind, it, M, Dv, 1, ST, z);
                 BY_KIND(forward_scan, 1, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, (float *)out, (float *)den, NULL,
-                        dout, bh, dq, &b, ST, z);
-            if (dk != NULL || dv != NULL)
-                BY_KIND(key_grads_head, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, out, den, c, dout, bh, dk, dv, &b,
-                        S, ST, z);
+                        dout, bh, a0, a1, dq, &b, ST, z, R);
+            }
+            if (keys) {
+                carry_in(&qin, kind, it, M, Dv, 0, S, z);
+                transpose_each(S, 1, M, Dv, ST);
+                BY_KIND(key_grads_scan, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, out, den, c, dout, bh, a0, a1, dk,
+                        dv, &b, S, ST, z);
+            }
         }
         free(S);
         free(ST);
         free(z);
         block_free(&b);
     }
+    carry_free(&kin);
+    carry_free(&qin);
     free(WrT);
 }

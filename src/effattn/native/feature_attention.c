@@ -31,10 +31,7 @@
 
 /* ------------------------------------------------------------------------------ forward */
 
-/* Part `item` (bh * parts + part) of the key pass: its shift *m (FA_FAVOR: the largest
- * logit of its valid keys, -inf where it has none; else 0) and the sums z [M], A [M][Dv]
- * against it, for FA_FAVOR kept as an online softmax (the sums so far rescaled when a
- * block raises the maximum). */
+/* Part `item` (bh * parts + part) of the key pass: key_sums_rows over its rows. */
 static inline __attribute__((always_inline)) void key_sums_part(
     const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *k,
     const float *v, const uint8_t *kvalid, int64_t H, int64_t Nk, const float *WrT, float h,
@@ -42,36 +39,8 @@ static inline __attribute__((always_inline)) void key_sums_part(
     const int64_t bh = item / parts;
     int64_t lo, hi;
     part_rows(Nk, item % parts, parts, &lo, &hi);
-    const float *kb = k + bh * Nk * D, *vb = v + bh * Nk * Dv;
-    const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
-    float mx = kind == FA_FAVOR ? -INFINITY : 0.0f;
-    memset(z, 0, sizeof(float) * M);
-    memset(A, 0, sizeof(float) * M * Dv);
-    for (int64_t a = lo; a < hi; a += RB) {
-        const int64_t r = hi - a < RB ? hi - a : RB;
-        const uint8_t *valid = kv ? kv + a : NULL;
-        if (kind == FA_FAVOR) {
-            raw_features(kind, kb, a, r, D, WrT, M, h, U, xbuf);
-            const float bm = block_max(U, r, M, valid);
-            if (bm == -INFINITY) continue; /* no valid key in the block */
-            if (bm > mx) {
-                const float s = mx == -INFINITY ? 0.0f : expf(mx - bm);
-                for (int64_t c = 0; c < M; c++) z[c] *= s;
-                for (int64_t i = 0; i < M * Dv; i++) A[i] *= s;
-                mx = bm;
-            }
-            favor_key_features(U, r, M, mx, valid);
-        } else {
-            key_features(kind, kb, a, r, D, WrT, M, h, 0.0f, valid, U, xbuf);
-        }
-        for (int64_t c = 0; c < M; c += VW) {
-            vf s = vload(z + c);
-            for (int64_t j = 0; j < r; j++) s += vload(U + j * M + c);
-            vstore(z + c, s);
-        }
-        add_transposed_times(U, r, M, (float *)(vb + a * Dv), Dv, A);
-    }
-    *m = mx;
+    key_sums_rows(kind, D, Dv, M, k + bh * Nk * D, v + bh * Nk * Dv, kvalid ? kvalid + (bh / H) * Nk : NULL,
+                  lo, hi, WrT, h, U, xbuf, m, z, A);
 }
 
 /* Query blocks lo .. hi - 1 (item = bh * nqb + block): out rows = phi A / (phi z). */

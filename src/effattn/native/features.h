@@ -184,6 +184,45 @@ static inline __attribute__((always_inline)) void divide_rows(float *o, int64_t 
     }
 }
 
+/* The key sums of rows lo .. hi - 1 of one (batch, head) (kb [Nk][D], vb [Nk][Dv], kv its
+ * validity bytes or NULL): the shift *m (FA_FAVOR: the largest logit of their valid keys,
+ * -inf where they have none; else 0) and z [M], A [M][Dv] against it, for FA_FAVOR kept as
+ * an online softmax (the sums so far rescaled when a block raises the maximum).  U [RB][M],
+ * xbuf [RB][D]: scratch. */
+static inline __attribute__((always_inline)) void key_sums_rows(
+    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *kb, const float *vb,
+    const uint8_t *kv, int64_t lo, int64_t hi, const float *WrT, float h, float *U, float *xbuf, float *m,
+    float *z, float *A) {
+    float mx = kind == FA_FAVOR ? -INFINITY : 0.0f;
+    memset(z, 0, sizeof(float) * M);
+    memset(A, 0, sizeof(float) * M * Dv);
+    for (int64_t a = lo; a < hi; a += RB) {
+        const int64_t r = hi - a < RB ? hi - a : RB;
+        const uint8_t *valid = kv ? kv + a : NULL;
+        if (kind == FA_FAVOR) {
+            raw_features(kind, kb, a, r, D, WrT, M, h, U, xbuf);
+            const float bm = block_max(U, r, M, valid);
+            if (bm == -INFINITY) continue; /* no valid key in the block */
+            if (bm > mx) {
+                const float s = mx == -INFINITY ? 0.0f : expf(mx - bm);
+                for (int64_t c = 0; c < M; c++) z[c] *= s;
+                for (int64_t i = 0; i < M * Dv; i++) A[i] *= s;
+                mx = bm;
+            }
+            favor_key_features(U, r, M, mx, valid);
+        } else {
+            key_features(kind, kb, a, r, D, WrT, M, h, 0.0f, valid, U, xbuf);
+        }
+        for (int64_t c = 0; c < M; c += VW) {
+            vf s = vload(z + c);
+            for (int64_t j = 0; j < r; j++) s += vload(U + j * M + c);
+            vstore(z + c, s);
+        }
+        add_transposed_times(U, r, M, (float *)(vb + a * Dv), Dv, A);
+    }
+    *m = mx;
+}
+
 /* The gradients through out = num / den of a block's r rows (r4 = r rounded up to 4):
  * gn [r4][Dv] = g / den (rows past r zero) and gd [r4] = -<g, out> / den (0 past r), both
  * 0 where den is 0; g, o the block's rows of dout and out (rows of Dv), den [r]. */
