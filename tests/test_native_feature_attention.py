@@ -270,7 +270,7 @@ def test_native_causal_performer_keeps_early_queries_when_a_later_logit_jumps():
     k[0, 0, 40] = wr[0]  # its logit wr[0]·k - |k|²/2 = |wr[0]|²/2, ~200
     h = 0.5
     dout = torch.randn(1, 1, 130, vw, generator=torch.Generator().manual_seed(5))
-    (out, den, c), grads = _causal_run("favor", q, k, v, None, wr, h, dout)
+    (out, den, c, _), grads = _causal_run("favor", q, k, v, None, wr, h, dout)
     assert c[0, 0, 40] > c[0, 0, 39] + 87
     xs = [x.double().requires_grad_(True) for x in (q, k, v)]
     phi_q, _ = kernel.performer_features(xs[0], wr.double(), "softmax", is_query=True)
@@ -314,7 +314,7 @@ def test_native_causal_features_split_scans_over_threads_alike(kind, heads):
         for a, b in zip(runs[threads], runs[1]):
             scale = max(1.0, b[torch.isfinite(b)].abs().max().item())
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
-    dk, dv = runs[8][4], runs[8][5]
+    dk, dv = runs[8][-2:]
     for g in (dk, dv):
         assert not g[0, :, 100:330].any() and not g[0, :, 700:].any()
 
@@ -336,15 +336,18 @@ def test_native_causal_gradients_are_the_derivative_of_its_forward(kind):
 
 
 def test_native_causal_features_decline_what_they_do_not_take():
-    """As the non-causal kernel (one check of what it takes), and the backward declines
-    statistics of the wrong shape."""
+    """As the non-causal kernel (one check of what it takes); without ``keep_states`` no
+    states are written, and the backward declines statistics of the wrong shape or none."""
     vw = _vw()
     q, k, v = _inputs(1, 2, 8, 8, vw, vw, 1.0, 0)
     cf, bw = native.causal_feature_attention, native.causal_feature_attention_backward
     assert cf("elu", q.double(), k.double(), v.double(), None) is None
     assert cf("favor", q, k, v, None) is None
-    out, den, c = cf("elu", q, k, v, None)
+    out, den, c, states = cf("elu", q, k, v, None)
+    assert cf("elu", q, k, v, None, keep_states=False)[3] is None
     g = torch.randn_like(out)
-    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, g) is not None
-    assert bw("elu", q, k, v, None, None, 0.0, out, den[..., :-1], c, g) is None
-    assert bw("elu", q, k, v, None, None, 0.0, out, den, c.double(), g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, states, g) is not None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den[..., :-1], c, states, g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c.double(), states, g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, states[:, :, :, 1:], g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, None, g) is None

@@ -1049,7 +1049,9 @@ def _native_features(kind: str, q, k, v, padding_mask, w=None, r: float = 1.0,
     h = 0.5 * r * r if w is not None else 0.0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _NativeFeatures.apply(kind, causal, q, k, v, wr, h, padding_mask)
-    return _native_pass(causal, 0)(kind, q, k, v, padding_mask, wr, h)[0]
+    if causal:  # no states kept: nothing will be differentiated
+        return native.causal_feature_attention(kind, q, k, v, padding_mask, wr, h, keep_states=False)[0]
+    return native.feature_attention(kind, q, k, v, padding_mask, wr, h)[0]
 
 
 # --------------------------------------------------------------------------- methods

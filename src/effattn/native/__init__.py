@@ -29,7 +29,7 @@ block of rows read once per pass instead of a chain of torch passes over it;
 backwards) Nystromformer's two long products, the same way, and :func:`feature_attention`
 (with its backward; ``feature_attention.c``) non-causal Performer (positive features),
 linear and Taylor attention, and :func:`causal_feature_attention` (``causal_features.c``)
-their causal forms (``features.h``: the feature maps both share)
+their causal forms (``feature_maps.h``: the feature maps both share)
 (``rowblocks.h``: the row-block products and the row and column softmaxes these files
 share).  Each kernel here has a pure-torch twin that
 gives the same result (up to float rounding), used wherever the kernel is not available:
@@ -208,7 +208,7 @@ def _library():
         fn.argtypes = [ptr] * 3 + [ptr, i64] * 2 + [i64] * 5 + [f32, i64] + [ptr] * outs + [cint]
         fn.restype = None
     for name, outs in (("feature_attention_f32", 4), ("feature_attention_backward_f32", 8),
-                       ("causal_feature_attention_f32", 3), ("causal_feature_attention_backward_f32", 7)):
+                       ("causal_feature_attention_f32", 4), ("causal_feature_attention_backward_f32", 8)):
         fn = getattr(lib, f"effattn_{name}")
         fn.argtypes = [ptr] * 5 + [cint] + [i64] * 7 + [f32] + [ptr] * outs + [cint]
         fn.restype = None
@@ -849,14 +849,22 @@ def feature_attention_serves(kind: str, q, k, v, k_valid, wr=None) -> bool:
         return _features_config(kind, q, k, v, k_valid, wr) is not None
 
 
+#: positions per block of the causal feature kernel's scan (rowblocks.h's RB)
+CAUSAL_BLOCK = 64
+
+
 def _feature_stats_shapes(causal: bool, B: int, H: int, Nq: int, M: int, Dv: int):
     """The shapes of what the feature kernels' forward keeps for the backward: non-causal
-    ``A, z, c``, causal ``den, c``."""
-    return [(B, H, Nq), (B, H, Nq)] if causal else [(B, H, M, Dv), (B, H, M), (B, H)]
+    ``A, z, c``; causal ``den, c`` and the states (each block of 64 positions' carried sums
+    in, ``S^T`` and ``z``)."""
+    if causal:
+        return [(B, H, Nq), (B, H, Nq), (B, H, -(-Nq // CAUSAL_BLOCK), Dv + 1, M)]
+    return [(B, H, M, Dv), (B, H, M), (B, H)]
 
 
-def _run_features(causal: bool, kind, q, k, v, k_valid, wr, h):
-    """:func:`feature_attention` (``causal``: :func:`causal_feature_attention`)."""
+def _run_features(causal: bool, kind, q, k, v, k_valid, wr, h, keep_states=True):
+    """:func:`feature_attention` (``causal``: :func:`causal_feature_attention`; without
+    ``keep_states`` its states are None)."""
     got = _features_config(kind, q, k, v, k_valid, wr)
     if got is None:
         return None
@@ -865,15 +873,19 @@ def _run_features(causal: bool, kind, q, k, v, k_valid, wr, h):
     Nk, Dv = k.shape[2], v.shape[-1]
     out = torch.empty(B, H, Nq, Dv)
     stats = [torch.empty(shape) for shape in _feature_stats_shapes(causal, B, H, Nq, M, Dv)]
+    if causal and not keep_states:
+        stats[-1] = None
     fn = lib.effattn_causal_feature_attention_f32 if causal else lib.effattn_feature_attention_f32
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), _ptr(wr), FEATURE_KINDS[kind], B * H, H, Nq, Nk, D,
-       Dv, M, h, out.data_ptr(), *(t.data_ptr() for t in stats), torch.get_num_threads())
+       Dv, M, h, out.data_ptr(), *map(_ptr, stats), torch.get_num_threads())
     return (out, *stats)
 
 
 def _run_features_backward(causal: bool, kind, q, k, v, k_valid, wr, h, out, stats, dout, need):
     """:func:`feature_attention_backward` (``causal``:
     :func:`causal_feature_attention_backward`); ``stats`` the forward's statistics."""
+    if any(t is None for t in stats):
+        return None
     got = _features_config(kind, q, k, v, k_valid, wr, (out, *stats, dout))
     if got is None:
         return None
@@ -927,24 +939,26 @@ def feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: t
 
 def causal_feature_attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor] = None,
-                             h: float = 0.0):
+                             h: float = 0.0, keep_states: bool = True):
     """Causal feature-map attention, query ``i`` over the real keys ``j <= i`` (top-left
     aligned), fused (``causal_features.c``; :func:`effattn.mechanisms.kernel.feature_map_attention`
     with ``causal=True`` on the kind's features is its torch twin): ``kind``, ``wr``, ``h`` and
     the tensors as :func:`feature_attention` -> ``(out [B, H, Nq, Dv], den [B, H, Nq],
-    c [B, H, Nq])``: the output and what the backward takes (each query's normalizer, 0 for a
-    zero output row; ``"favor"``: the shift its weights are taken against, the largest
-    logit of a real key up to it, ``-inf`` before the first; 0 for the other kinds).  None
-    where it does not serve (as :func:`feature_attention`)."""
-    return _run_features(True, kind, q, k, v, k_valid, wr, h)
+    c [B, H, Nq], states [B, H, T, Dv + 1, M])``: the output and what the backward takes
+    (each query's normalizer, 0 for a zero output row; ``"favor"``: the shift its weights are
+    taken against, the largest logit of a real key up to it, ``-inf`` before the first, 0
+    for the other kinds; each block of 64 positions' carried key sums in, ``S^T`` then ``z``,
+    ``T = ceil(Nq / 64)``: about ``(M / 64)·N·Dv`` floats, None without ``keep_states``).
+    None where it does not serve (as :func:`feature_attention`)."""
+    return _run_features(True, kind, q, k, v, k_valid, wr, h, keep_states)
 
 
 def causal_feature_attention_backward(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                       k_valid: Optional[torch.Tensor], wr: Optional[torch.Tensor],
                                       h: float, out: torch.Tensor, den: torch.Tensor, c: torch.Tensor,
-                                      dout: torch.Tensor, need=(True, True, True)):
+                                      states: torch.Tensor, dout: torch.Tensor, need=(True, True, True)):
     """The gradients of :func:`causal_feature_attention` for ``dout [B, H, Nq, Dv]``, with its
-    ``out, den, c`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does not ask
-    for), or None where it does not serve.  The features are recomputed (two scans: forward
-    for ``dq``, reverse for ``dk``, ``dv``); ``wr`` gets no gradient."""
-    return _run_features_backward(True, kind, q, k, v, k_valid, wr, h, out, (den, c), dout, need)
+    ``out, den, c, states`` -> ``(dq, dk, dv)``, fresh tensors (None for those ``need`` does
+    not ask for), or None where it does not serve.  One reverse scan recomputes the
+    features (``dq`` from the states); ``wr`` gets no gradient."""
+    return _run_features_backward(True, kind, q, k, v, k_valid, wr, h, out, (den, c, states), dout, need)

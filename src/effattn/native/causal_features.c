@@ -3,7 +3,7 @@
  * psi(k_j), forward and backward for float32 on the CPU (C99 + GCC vector extensions,
  * optionally OpenMP), loaded with ctypes by effattn/native/__init__.py;
  * effattn.mechanisms.kernel.feature_map_attention(causal=True) (chunked prefix sums, chunk
- * RB) on the kinds' features is the torch twin.  The kinds are features.h's.
+ * RB) on the kinds' features is the torch twin.  The kinds are feature_maps.h's.
  *
  * Each (batch, head) is one scan over blocks of RB positions.  Block t's queries take its
  * own keys through the masked block of weights W [RB][RB] and the earlier blocks' keys
@@ -34,7 +34,7 @@
  * (the same bits whatever their count); with fewer, each scan is split into parts, which
  * start from the carried sums of the positions before them (the keys') and after them (the
  * queries' gradients), taken first in a pass of their own (scan_parts). */
-#include "features.h"
+#include "feature_maps.h"
 
 /* A thread's scratch for one block. */
 typedef struct {
@@ -268,19 +268,15 @@ static Carry carry_alloc(int64_t items, int64_t M, int64_t Dv) {
     return c;
 }
 
-/* Item `it`'s carried sums into S ([M][Dv], or [Dv][M] transposed) and z; returns its
- * shift (zeros and FA_FAVOR's -inf, else 0, where there is no carry). */
-static float carry_in(const Carry *c, int kind, int64_t it, int64_t M, int64_t Dv, int transposed_S, float *S,
-                      float *z) {
+/* Item `it`'s carried sums into S [M][Dv] and z; returns its shift (zeros and FA_FAVOR's
+ * -inf, else 0, where there is no carry). */
+static float carry_in(const Carry *c, int kind, int64_t it, int64_t M, int64_t Dv, float *S, float *z) {
     if (c->m == NULL) {
         memset(S, 0, sizeof(float) * M * Dv);
         memset(z, 0, sizeof(float) * M);
         return kind == FA_FAVOR ? -INFINITY : 0.0f;
     }
-    if (transposed_S)
-        transpose_each(c->S + it * M * Dv, 1, M, Dv, S);
-    else
-        memcpy(S, c->S + it * M * Dv, sizeof(float) * M * Dv);
+    memcpy(S, c->S + it * M * Dv, sizeof(float) * M * Dv);
     memcpy(z, c->z + it * M, sizeof(float) * M);
     return c->m[it];
 }
@@ -296,7 +292,7 @@ static void merge_sums(float *m, float *z, float *S, float m2, const float *z2, 
     *m = mx;
 }
 
-/* Part `it`'s queries' sums G [M][Dv], gz [M] for the reverse scan (key_grads_scan's
+/* Part `it`'s queries' sums G [M][Dv], gz [M] for the reverse scan (backward_scan's
  * carried sums) against the shift c at the position before the part. */
 static inline __attribute__((always_inline)) void query_sums_part(
     const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *out,
@@ -412,74 +408,57 @@ static Carry query_suffixes(int kind, const float *q, const float *out, const fl
 
 /* ------------------------------------------------------------------------------ forward */
 
+/* A block's carried sums in as the backward reads them: st [Dv + 1][M] = S^T (S [M][Dv]),
+ * then z [M]. */
+static inline void store_state(const float *S, const float *z, int64_t Dv, int64_t M, float *st) {
+    transpose_each(S, 1, M, Dv, st);
+    memcpy(st + Dv * M, z, sizeof(float) * M);
+}
+
 /* The forward-order scan of positions lo .. hi - 1 of one (batch, head): their outputs, den
- * and c (grads 0), or dq from dout (grads 1; out and den the forward's).  The carried sums
- * in: S [M][Dv] (grads 0) or S^T [Dv][M] (grads 1), z [M] against the shift R (the keys
- * before lo; updated in place). */
+ * and c, and (where states is not NULL) each block's carried sums in, for the backward.  The
+ * carried sums in: S [M][Dv], z [M] against the shift R (the keys before lo; updated in
+ * place). */
 static inline __attribute__((always_inline)) void forward_scan(
-    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const int grads, const float *q,
-    const float *k, const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT,
-    const float *Wr, float h, float *out, float *den, float *cs, const float *dout, int64_t bh, int64_t lo,
-    int64_t hi, float *dq, Block *b, float *S, float *z, float R) {
+    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *k,
+    const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT, float h,
+    float *out, float *den, float *cs, float *states, int64_t bh, int64_t lo, int64_t hi, Block *b, float *S,
+    float *z, float R) {
     const float *qb = q + bh * Nq * D, *kb = k + bh * Nk * D, *vbh = v + bh * Nk * Dv;
     const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
     float *ob = out + bh * Nq * Dv;
     for (int64_t a = lo; a < hi; a += RB) {
         const int64_t r = Nq - a < RB ? Nq - a : RB, r4 = (r + 3) & ~(int64_t)3;
         const int64_t rk = block_keys(a, r, Nk);
+        if (states != NULL) /* S^T [Dv][M] and z [M], as the backward reads them */
+            store_state(S, z, Dv, M, states + (bh * ((Nq + RB - 1) / RB) + a / RB) * (Dv + 1) * M);
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
         const float Rn = block_weights(kind, D, M, qb, kb, kv ? kv + a : NULL, WrT, h, a, r, rk, R, b, &Xq, &Xk);
-        if (!grads) { /* out = (f P S + W V) / (f P z + rowsum W) */
-            float *o = out_rows(ob, a, r, Dv, b->ob);
-            rows_times(b->P, r4, M, M, S, Dv, o, Dv);
-            row_dots(b->P, r, M, z, b->den);
+        /* out = (f P S + W V) / (f P z + rowsum W) */
+        float *o = out_rows(ob, a, r, Dv, b->ob);
+        rows_times(b->P, r4, M, M, S, Dv, o, Dv);
+        row_dots(b->P, r, M, z, b->den);
+        for (int64_t i = 0; i < r; i++) {
+            b->den[i] *= b->f[i];
+            const vf fi = vsplat(b->f[i]);
+            for (int64_t x = 0; x < Dv; x += VW) vstore(o + i * Dv + x, vload(o + i * Dv + x) * fi);
+        }
+        if (rk > 0) {
+            rows_times_add(b->W, r4, RB, rk, V, Dv, o, Dv);
             for (int64_t i = 0; i < r; i++) {
-                b->den[i] *= b->f[i];
-                const vf fi = vsplat(b->f[i]);
-                for (int64_t x = 0; x < Dv; x += VW) vstore(o + i * Dv + x, vload(o + i * Dv + x) * fi);
-            }
-            if (rk > 0) {
-                rows_times_add(b->W, r4, RB, rk, V, Dv, o, Dv);
-                for (int64_t i = 0; i < r; i++) {
-                    vf s = vsplat(0.0f);
-                    for (int64_t j = 0; j < RB; j += VW) s += vload(b->W + i * RB + j);
-                    b->den[i] += hsum(s);
-                }
-            }
-            divide_rows(o, r, Dv, b->den);
-            put_rows(ob, a, r, Dv, b->ob);
-            memcpy(den + bh * Nq + a, b->den, sizeof(float) * r);
-            memcpy(cs + bh * Nq + a, b->c, sizeof(float) * r);
-        } else { /* dphi = f (gn S^T + gd z) + dW U, then dq through the query features */
-            block_weight_grads(Dv, dout + bh * Nq * Dv, ob, den + bh * Nq, a, r, V, rk, b);
-            for (int64_t i = 0; i < r; i++) {
-                const vf fi = vsplat(b->f[i]);
-                for (int64_t x = 0; x < Dv; x += VW) vstore(b->G + i * Dv + x, vload(b->G + i * Dv + x) * fi);
-            }
-            rows_times(b->G, r4, Dv, Dv, S, M, b->dF, M);
-            for (int64_t i = 0; i < r; i++) {
-                const vf gi = vsplat(b->gd[i] * b->f[i]);
-                for (int64_t x = 0; x < M; x += VW)
-                    vstore(b->dF + i * M + x, vload(b->dF + i * M + x) + gi * vload(z + x));
-            }
-            if (rk > 0) rows_times_add(b->dW, r4, RB, rk, b->U, M, b->dF, M);
-            float *dqb = dq + bh * Nq * D;
-            if (kind == FA_FAVOR) {
-                row_softmax_grad(b->P, b->dF, r, M, 1.0f, b->dF, M);
-                float *o = out_rows(dqb, a, r, D, b->ob);
-                rows_times(b->dF, r4, M, M, (float *)Wr, D, o, D);
-                put_rows(dqb, a, r, D, b->ob);
-            } else {
-                map_backward(kind, Xq, b->P, b->dF, r, D, M, dqb + a * D, D);
+                vf s = vsplat(0.0f);
+                for (int64_t j = 0; j < RB; j += VW) s += vload(b->W + i * RB + j);
+                b->den[i] += hsum(s);
             }
         }
+        divide_rows(o, r, Dv, b->den);
+        put_rows(ob, a, r, Dv, b->ob);
+        memcpy(den + bh * Nq + a, b->den, sizeof(float) * r);
+        memcpy(cs + bh * Nq + a, b->c, sizeof(float) * r);
         if (rk > 0 && Rn != -INFINITY) { /* the block's keys into the carried sums */
             carry_shift(kind, M, R, Rn, S, M * Dv, z, b, rk);
             add_column_sums(b->U, rk, M, z);
-            if (!grads)
-                add_transposed_times(b->U, rk, M, (float *)V, Dv, S);
-            else
-                add_transposed_times(V, rk, Dv, b->U, M, S);
+            add_transposed_times(b->U, rk, M, (float *)V, Dv, S);
         }
         R = Rn;
     }
@@ -488,13 +467,15 @@ static inline __attribute__((always_inline)) void forward_scan(
 /* q [BH, Nq, D], k [BH, Nk, D], v [BH, Nk, Dv] float32 contiguous; kvalid [BH / H, Nk]
  * bytes (1 = a real key) or NULL; kind and Wr, h, M as effattn_feature_attention_f32.
  * Writes out [BH, Nq, Dv] and what the backward takes: den [BH, Nq] (each query's
- * normalizer; 0: no weight, a zero output row) and c [BH, Nq] (FA_FAVOR: the shift of its
- * weights, -inf before the first valid key; else 0). */
+ * normalizer; 0: no weight, a zero output row), c [BH, Nq] (FA_FAVOR: the shift of its
+ * weights, -inf before the first valid key; else 0) and, where not NULL, states [BH][T][Dv +
+ * 1][M] (T = ceil(Nq / RB)): each block's carried sums in, S^T and z, against the shift c
+ * at the position before the block. */
 void effattn_causal_feature_attention_f32(const float *q, const float *k, const float *v,
                                           const uint8_t *kvalid, const float *Wr, int kind, int64_t BH,
                                           int64_t H, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv,
                                           int64_t M, float h, float *out, float *den, float *c,
-                                          int nthreads) {
+                                          float *states, int nthreads) {
     float *WrT = transposed(Wr, M, D);
     const int64_t parts = scan_parts(BH, Nq, nthreads), items = BH * parts;
     Carry in = key_prefixes(kind, k, v, kvalid, WrT, BH, H, Nq, Nk, D, Dv, M, h, parts, nthreads);
@@ -508,9 +489,9 @@ void effattn_causal_feature_attention_f32(const float *q, const float *k, const 
         for (int64_t it = lo; it < hi; it++) {
             int64_t a0, a1;
             part_rows(Nq, it % parts, parts, &a0, &a1);
-            const float R = carry_in(&in, kind, it, M, Dv, 0, S, z);
-            BY_KIND(forward_scan, 0, q, k, v, kvalid, H, Nq, Nk, WrT, NULL, h, out, den, c, NULL, it / parts, a0,
-                    a1, NULL, &b, S, z, R);
+            const float R = carry_in(&in, kind, it, M, Dv, S, z);
+            BY_KIND(forward_scan, q, k, v, kvalid, H, Nq, Nk, WrT, h, out, den, c, states, it / parts, a0, a1, &b,
+                    S, z, R);
         }
         free(S);
         free(z);
@@ -522,14 +503,16 @@ void effattn_causal_feature_attention_f32(const float *q, const float *k, const 
 
 /* ----------------------------------------------------------------------------- backward */
 
-/* The reverse-order scan of positions hi - 1 .. lo of one (batch, head): dk, dv (each where
- * not NULL).  The carried sums of the later queries in: G [M][Dv], G^T [Dv][M], gz [M]
- * against the shift c at hi - 1 (updated in place). */
-static inline __attribute__((always_inline)) void key_grads_scan(
+/* The reverse-order scan of positions hi - 1 .. lo of one (batch, head): dq (from the
+ * forward's states: the keys' carried sums into each block), dk, dv (each where not NULL).
+ * The carried sums of the later queries in: G [M][Dv], G^T [Dv][M], gz [M] against the
+ * shift c at hi - 1 (updated in place). */
+static inline __attribute__((always_inline)) void backward_scan(
     const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *k,
     const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT,
-    const float *Wr, float h, const float *out, const float *den, const float *cs, const float *dout,
-    int64_t bh, int64_t lo, int64_t hi, float *dk, float *dv, Block *b, float *G, float *GT, float *gz) {
+    const float *Wr, float h, const float *out, const float *den, const float *cs, const float *states,
+    const float *dout, int64_t bh, int64_t lo, int64_t hi, float *dq, float *dk, float *dv, Block *b, float *G,
+    float *GT, float *gz) {
     const float *qb = q + bh * Nq * D, *kb = k + bh * Nk * D, *vbh = v + bh * Nk * Dv;
     const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
     const float *cb = cs + bh * Nq;
@@ -540,7 +523,27 @@ static inline __attribute__((always_inline)) void key_grads_scan(
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
         const float Rn = block_weights(kind, D, M, qb, kb, kv ? kv + a : NULL, WrT, h, a, r, rk, R, b, &Xq, &Xk);
         block_weight_grads(Dv, dout + bh * Nq * Dv, out + bh * Nq * Dv, den + bh * Nq, a, r, V, rk, b);
-        if (rk > 0) {
+        if (dq != NULL) { /* dphi = f (gn S^T + gd z) + dW U (S^T, z the keys' sums in), then dq */
+            const int64_t r4 = (r + 3) & ~(int64_t)3;
+            const float *st = states + (bh * ((Nq + RB - 1) / RB) + a / RB) * (Dv + 1) * M, *zin = st + Dv * M;
+            rows_times(b->G, r4, Dv, Dv, st, M, b->dF, M);
+            for (int64_t i = 0; i < r; i++) {
+                const vf fi = vsplat(b->f[i]), gi = vsplat(b->gd[i]);
+                for (int64_t x = 0; x < M; x += VW)
+                    vstore(b->dF + i * M + x, fi * (vload(b->dF + i * M + x) + gi * vload(zin + x)));
+            }
+            if (rk > 0) rows_times_add(b->dW, r4, RB, rk, b->U, M, b->dF, M);
+            float *dqb = dq + bh * Nq * D;
+            if (kind == FA_FAVOR) {
+                row_softmax_grad(b->P, b->dF, r, M, 1.0f, b->dF, M);
+                float *o = out_rows(dqb, a, r, D, b->ob);
+                rows_times(b->dF, r4, M, M, (float *)Wr, D, o, D);
+                put_rows(dqb, a, r, D, b->ob);
+            } else {
+                map_backward(kind, Xq, b->P, b->dF, r, D, M, dqb + a * D, D);
+            }
+        }
+        if (rk > 0 && (dk != NULL || dv != NULL)) {
             const uint8_t *valid = kv ? kv + a : NULL;
             float e[RB]; /* exp(s_j - R_t): the carried sums' factor of each key */
             for (int64_t j = 0; j < rk; j++)
@@ -583,6 +586,7 @@ static inline __attribute__((always_inline)) void key_grads_scan(
                 put_rows(dkb, a, rk, D, b->ob);
             }
         }
+        if (dk == NULL && dv == NULL) continue; /* the carried sums serve only the keys */
         /* the carried sums moved to the previous block's shift, this block's queries added */
         const float g = kind == FA_FAVOR ? shift_factor(R, Rn) : 1.0f;
         if (g != 1.0f) {
@@ -600,8 +604,8 @@ static inline __attribute__((always_inline)) void key_grads_scan(
 void effattn_causal_feature_attention_backward_f32(
     const float *q, const float *k, const float *v, const uint8_t *kvalid, const float *Wr, int kind,
     int64_t BH, int64_t H, int64_t Nq, int64_t Nk, int64_t D, int64_t Dv, int64_t M, float h,
-    const float *out, const float *den, const float *c, const float *dout, float *dq, float *dk, float *dv,
-    int nthreads) {
+    const float *out, const float *den, const float *c, const float *states, const float *dout, float *dq,
+    float *dk, float *dv, int nthreads) {
     float *WrT = transposed(Wr, M, D);
     if (Nk > Nq) { /* keys after the last query: no weight */
         for (int64_t bh = 0; bh < BH; bh++) {
@@ -610,40 +614,29 @@ void effattn_causal_feature_attention_backward_f32(
         }
     }
     const int64_t parts = scan_parts(BH, Nq, nthreads), items = BH * parts;
-    const int keys = dk != NULL || dv != NULL;
-    Carry kin = {0}, qin = {0};
-    if (dq != NULL) kin = key_prefixes(kind, k, v, kvalid, WrT, BH, H, Nq, Nk, D, Dv, M, h, parts, nthreads);
-    if (keys) qin = query_suffixes(kind, q, out, den, c, dout, WrT, BH, Nq, D, Dv, M, parts, nthreads);
+    Carry in = {0};
+    if (dk != NULL || dv != NULL) in = query_suffixes(kind, q, out, den, c, dout, WrT, BH, Nq, D, Dv, M, parts, nthreads);
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
         int64_t lo, hi;
         thread_share(items, &lo, &hi);
         Block b;
         block_alloc(&b, D, Dv, M);
-        float *S = aligned_alloc(64, sizeof(float) * M * Dv), *ST = aligned_alloc(64, sizeof(float) * M * Dv);
-        float *z = aligned_alloc(64, sizeof(float) * M);
+        float *G = aligned_alloc(64, sizeof(float) * M * Dv), *GT = aligned_alloc(64, sizeof(float) * M * Dv);
+        float *gz = aligned_alloc(64, sizeof(float) * M);
         for (int64_t it = lo; it < hi; it++) {
-            const int64_t bh = it / parts;
             int64_t a0, a1;
             part_rows(Nq, it % parts, parts, &a0, &a1);
-            if (dq != NULL) {
-                const float R = carry_in(&kin, kind, it, M, Dv, 1, ST, z);
-                BY_KIND(forward_scan, 1, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, (float *)out, (float *)den, NULL,
-                        dout, bh, a0, a1, dq, &b, ST, z, R);
-            }
-            if (keys) {
-                carry_in(&qin, kind, it, M, Dv, 0, S, z);
-                transpose_each(S, 1, M, Dv, ST);
-                BY_KIND(key_grads_scan, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, out, den, c, dout, bh, a0, a1, dk,
-                        dv, &b, S, ST, z);
-            }
+            carry_in(&in, kind, it, M, Dv, G, gz);
+            transpose_each(G, 1, M, Dv, GT);
+            BY_KIND(backward_scan, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, out, den, c, states, dout, it / parts, a0,
+                    a1, dq, dk, dv, &b, G, GT, gz);
         }
-        free(S);
-        free(ST);
-        free(z);
+        free(G);
+        free(GT);
+        free(gz);
         block_free(&b);
     }
-    carry_free(&kin);
-    carry_free(&qin);
+    carry_free(&in);
     free(WrT);
 }

@@ -4,7 +4,7 @@
  * optionally OpenMP), loaded with ctypes by effattn/native/__init__.py;
  * effattn.mechanisms.kernel.streamed_feature_attention with the kinds' StreamMaps
  * (PerformerSoftmaxMap, LinearMap, TaylorMap) is the torch twin.  The feature kinds are
- * features.h's; FA_FAVOR's key features here are psi_j = exp(u(k_j) - c), c the largest
+ * feature_maps.h's; FA_FAVOR's key features here are psi_j = exp(u(k_j) - c), c the largest
  * logit of a valid key (any feature).  (The twin's query features are exp(u(q_i) - max
  * u(q_i)); they differ from softmax(u(q_i)) by a factor per row, which cancels.)
  *
@@ -27,7 +27,7 @@
  *
  * Threads: as efficient.c, each (batch, head)'s rows split into parts; the key sums (with
  * their own maxima) and the query pass's dA, dz are taken per part and merged after. */
-#include "features.h"
+#include "feature_maps.h"
 
 /* ------------------------------------------------------------------------------ forward */
 

@@ -10,8 +10,8 @@
  *   FA_TAYLOR (first-order Taylor): phi = psi = [x / max(|x|, eps), 1, 0, ...], M = D + VW
  *     (the twin's [1, x̂] with its columns reordered and zero columns up to the vector
  *     width, which add nothing). */
-#ifndef EFFATTN_FEATURES_H
-#define EFFATTN_FEATURES_H
+#ifndef EFFATTN_FEATURE_MAPS_H
+#define EFFATTN_FEATURE_MAPS_H
 #include "rowblocks.h"
 
 enum { FA_FAVOR = 0, FA_ELU = 1, FA_TAYLOR = 2 };
