@@ -320,6 +320,36 @@ def test_native_causal_features_split_scans_over_threads_alike(kind, heads):
 
 
 @pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_causal_backward_with_or_without_kept_states_agree(kind, threads):
+    """The backward from the forward's kept states (dq in the one reverse scan) and without
+    them (dq from a forward scan of its own) give the same gradients up to rounding, a
+    single head's scan split into parts or not; ``"auto"`` keeps them for linear and Taylor
+    attention (at most twice the size of q) and not for Performer's 4x wider features."""
+    q, k, v = _inputs(1, 1, 300, 300, 64, 64, 0.6, 12)
+    k[0, 0, 200] *= 5.0
+    pm = torch.ones(1, 300, dtype=torch.bool)
+    pm[0, 50:90] = False
+    wr, h = (torch.randn(256, 64, generator=torch.Generator().manual_seed(2)) * 0.3, 0.1) if kind == "favor" \
+        else (None, 0.0)
+    dout = torch.randn(1, 1, 300, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        kept = native.causal_feature_attention(kind, q, k, v, pm, wr, h, keep_states=True)
+        bare = native.causal_feature_attention(kind, q, k, v, pm, wr, h, keep_states=False)
+        auto = native.causal_feature_attention(kind, q, k, v, pm, wr, h)
+        g_kept = native.causal_feature_attention_backward(kind, q, k, v, pm, wr, h, *kept, dout)
+        g_bare = native.causal_feature_attention_backward(kind, q, k, v, pm, wr, h, *bare, dout)
+    finally:
+        torch.set_num_threads(before)
+    assert bare[3] is None and (auto[3] is None) == (kind == "favor")
+    assert torch.equal(kept[0], bare[0])
+    for a, b in zip(g_kept, g_bare):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", sorted(native.FEATURE_KINDS))
 def test_native_causal_gradients_are_the_derivative_of_its_forward(kind):
     """Finite differences of the causal forward against its backward for coordinates in
     the first and second blocks of q, k and v (more keys than queries: the keys past the
@@ -337,7 +367,8 @@ def test_native_causal_gradients_are_the_derivative_of_its_forward(kind):
 
 def test_native_causal_features_decline_what_they_do_not_take():
     """As the non-causal kernel (one check of what it takes); without ``keep_states`` no
-    states are written, and the backward declines statistics of the wrong shape or none."""
+    states are written (the backward takes None for them), and the backward declines
+    statistics of the wrong shape or missing ones."""
     vw = _vw()
     q, k, v = _inputs(1, 2, 8, 8, vw, vw, 1.0, 0)
     cf, bw = native.causal_feature_attention, native.causal_feature_attention_backward
@@ -350,4 +381,5 @@ def test_native_causal_features_decline_what_they_do_not_take():
     assert bw("elu", q, k, v, None, None, 0.0, out, den[..., :-1], c, states, g) is None
     assert bw("elu", q, k, v, None, None, 0.0, out, den, c.double(), states, g) is None
     assert bw("elu", q, k, v, None, None, 0.0, out, den, c, states[:, :, :, 1:], g) is None
-    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, None, g) is None
+    assert bw("elu", q, k, v, None, None, 0.0, out, den, c, None, g) is not None  # states not kept
+    assert bw("elu", q, k, v, None, None, 0.0, out, None, c, states, g) is None

@@ -21,10 +21,12 @@
  * The forward keeps den [Nq] (the normalizers as used) and c [Nq] for the backward.
  *
  * Backward, with gn_i = g_i / den_i and gd_i = -<g_i, out_i> / den_i (0 where den_i = 0),
- * dW_ij = (<gn_i, v_j> + gd_i) for allowed pairs, two scans that recompute the features:
- *   forward order (queries): dphi_i = sum_j dW_ij e_ij U_j (the block, e_ij = exp(s_j -
- *     c_i)) + exp(R_{t-1} - c_i) (gn_i S^T + gd_i z), then dq_i through the query features;
- *   reverse order (keys), carrying G = sum_i exp(R_t - c_i) phi_i^T gn_i [M][Dv] (and its
+ * dW_ij = (<gn_i, v_j> + gd_i) for allowed pairs, recomputing the features:
+ *   queries: dphi_i = sum_j dW_ij e_ij U_j (the block, e_ij = exp(s_j - c_i)) + exp(R_{t-1}
+ *     - c_i) (gn_i S^T + gd_i z), then dq_i through the query features; S and z, the keys'
+ *     sums carried into each block, come from the forward where it kept them (states: the
+ *     caller's choice, (M / RB) N Dv floats), else from a forward-order scan of their own;
+ *   keys, in one reverse-order scan (which takes dq too where states were kept), carrying G = sum_i exp(R_t - c_i) phi_i^T gn_i [M][Dv] (and its
  *     transpose) and gz = sum_i exp(R_t - c_i) gd_i phi_i over the later blocks' queries:
  *     dv_j = sum_i W_ij gn_i + psi_j G, dU_j = sum_i dW_ij e_ij phi_i + exp(s_j - R_t) (v_j
  *     G^T + gz) (psi_j = U_j exp(s_j - R_t)), then dk_j through the key features (FA_FAVOR
@@ -406,7 +408,57 @@ static Carry query_suffixes(int kind, const float *q, const float *out, const fl
     return in;
 }
 
+/* dq for the block at a (r rows, rk keys) once block_weights and block_weight_grads ran:
+ * dphi = f (gn S^T + gd z) + dW U (ST [Dv][M], z [M] the keys' carried sums into the
+ * block), then through the query features (Xq the query rows read) into dqb's rows. */
+static inline __attribute__((always_inline)) void query_grads_block(
+    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *Wr, const float *Xq,
+    const float *ST, const float *z, int64_t a, int64_t r, int64_t rk, float *dqb, Block *b) {
+    const int64_t r4 = (r + 3) & ~(int64_t)3;
+    rows_times(b->G, r4, Dv, Dv, (float *)ST, M, b->dF, M);
+    for (int64_t i = 0; i < r; i++) {
+        const vf fi = vsplat(b->f[i]), gi = vsplat(b->gd[i]);
+        for (int64_t x = 0; x < M; x += VW)
+            vstore(b->dF + i * M + x, fi * (vload(b->dF + i * M + x) + gi * vload(z + x)));
+    }
+    if (rk > 0) rows_times_add(b->dW, r4, RB, rk, b->U, M, b->dF, M);
+    if (kind == FA_FAVOR) {
+        row_softmax_grad(b->P, b->dF, r, M, 1.0f, b->dF, M);
+        float *o = out_rows(dqb, a, r, D, b->ob);
+        rows_times(b->dF, r4, M, M, (float *)Wr, D, o, D);
+        put_rows(dqb, a, r, D, b->ob);
+    } else {
+        map_backward(kind, Xq, b->P, b->dF, r, D, M, dqb + a * D, D);
+    }
+}
+
 /* ------------------------------------------------------------------------------ forward */
+
+/* The output rows of the block at a: (f P S + W V) / (f P z + rowsum W) into ob's rows (S
+ * [M][Dv], z [M] the carried sums, V the block's value rows); b->den the normalizers. */
+static inline __attribute__((always_inline)) void block_out(
+    const int64_t Dv, const int64_t M, const float *S, const float *z, const float *V, int64_t a, int64_t r,
+    int64_t rk, float *ob, Block *b) {
+    const int64_t r4 = (r + 3) & ~(int64_t)3;
+    float *o = out_rows(ob, a, r, Dv, b->ob);
+    rows_times(b->P, r4, M, M, (float *)S, Dv, o, Dv);
+    row_dots(b->P, r, M, z, b->den);
+    for (int64_t i = 0; i < r; i++) {
+        b->den[i] *= b->f[i];
+        const vf fi = vsplat(b->f[i]);
+        for (int64_t x = 0; x < Dv; x += VW) vstore(o + i * Dv + x, vload(o + i * Dv + x) * fi);
+    }
+    if (rk > 0) {
+        rows_times_add(b->W, r4, RB, rk, V, Dv, o, Dv);
+        for (int64_t i = 0; i < r; i++) {
+            vf s = vsplat(0.0f);
+            for (int64_t j = 0; j < RB; j += VW) s += vload(b->W + i * RB + j);
+            b->den[i] += hsum(s);
+        }
+    }
+    divide_rows(o, r, Dv, b->den);
+    put_rows(ob, a, r, Dv, b->ob);
+}
 
 /* A block's carried sums in as the backward reads them: st [Dv + 1][M] = S^T (S [M][Dv]),
  * then z [M]. */
@@ -416,49 +468,40 @@ static inline void store_state(const float *S, const float *z, int64_t Dv, int64
 }
 
 /* The forward-order scan of positions lo .. hi - 1 of one (batch, head): their outputs, den
- * and c, and (where states is not NULL) each block's carried sums in, for the backward.  The
- * carried sums in: S [M][Dv], z [M] against the shift R (the keys before lo; updated in
- * place). */
+ * and c, and (where states is not NULL) each block's carried sums in, for the backward
+ * (grads 0); or dq from dout, for a forward that kept no states (grads 1; out and den the
+ * forward's).  The carried sums in: S [M][Dv] (grads 0) or S^T [Dv][M] (grads 1), z [M]
+ * against the shift R (the keys before lo; updated in place). */
 static inline __attribute__((always_inline)) void forward_scan(
-    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const float *q, const float *k,
-    const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT, float h,
-    float *out, float *den, float *cs, float *states, int64_t bh, int64_t lo, int64_t hi, Block *b, float *S,
-    float *z, float R) {
+    const int kind, const int64_t D, const int64_t Dv, const int64_t M, const int grads, const float *q,
+    const float *k, const float *v, const uint8_t *kvalid, int64_t H, int64_t Nq, int64_t Nk, const float *WrT,
+    const float *Wr, float h, float *out, float *den, float *cs, float *states, const float *dout, int64_t bh,
+    int64_t lo, int64_t hi, float *dq, Block *b, float *S, float *z, float R) {
     const float *qb = q + bh * Nq * D, *kb = k + bh * Nk * D, *vbh = v + bh * Nk * Dv;
     const uint8_t *kv = kvalid ? kvalid + (bh / H) * Nk : NULL;
     float *ob = out + bh * Nq * Dv;
     for (int64_t a = lo; a < hi; a += RB) {
-        const int64_t r = Nq - a < RB ? Nq - a : RB, r4 = (r + 3) & ~(int64_t)3;
+        const int64_t r = Nq - a < RB ? Nq - a : RB;
         const int64_t rk = block_keys(a, r, Nk);
-        if (states != NULL) /* S^T [Dv][M] and z [M], as the backward reads them */
+        if (!grads && states != NULL) /* S^T [Dv][M] and z [M], as the backward reads them */
             store_state(S, z, Dv, M, states + (bh * ((Nq + RB - 1) / RB) + a / RB) * (Dv + 1) * M);
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
         const float Rn = block_weights(kind, D, M, qb, kb, kv ? kv + a : NULL, WrT, h, a, r, rk, R, b, &Xq, &Xk);
-        /* out = (f P S + W V) / (f P z + rowsum W) */
-        float *o = out_rows(ob, a, r, Dv, b->ob);
-        rows_times(b->P, r4, M, M, S, Dv, o, Dv);
-        row_dots(b->P, r, M, z, b->den);
-        for (int64_t i = 0; i < r; i++) {
-            b->den[i] *= b->f[i];
-            const vf fi = vsplat(b->f[i]);
-            for (int64_t x = 0; x < Dv; x += VW) vstore(o + i * Dv + x, vload(o + i * Dv + x) * fi);
+        if (grads) {
+            block_weight_grads(Dv, dout + bh * Nq * Dv, ob, den + bh * Nq, a, r, V, rk, b);
+            query_grads_block(kind, D, Dv, M, Wr, Xq, S, z, a, r, rk, dq + bh * Nq * D, b);
+        } else { /* out = (f P S + W V) / (f P z + rowsum W) */
+            block_out(Dv, M, S, z, V, a, r, rk, ob, b);
+            memcpy(den + bh * Nq + a, b->den, sizeof(float) * r);
+            memcpy(cs + bh * Nq + a, b->c, sizeof(float) * r);
         }
-        if (rk > 0) {
-            rows_times_add(b->W, r4, RB, rk, V, Dv, o, Dv);
-            for (int64_t i = 0; i < r; i++) {
-                vf s = vsplat(0.0f);
-                for (int64_t j = 0; j < RB; j += VW) s += vload(b->W + i * RB + j);
-                b->den[i] += hsum(s);
-            }
-        }
-        divide_rows(o, r, Dv, b->den);
-        put_rows(ob, a, r, Dv, b->ob);
-        memcpy(den + bh * Nq + a, b->den, sizeof(float) * r);
-        memcpy(cs + bh * Nq + a, b->c, sizeof(float) * r);
         if (rk > 0 && Rn != -INFINITY) { /* the block's keys into the carried sums */
             carry_shift(kind, M, R, Rn, S, M * Dv, z, b, rk);
             add_column_sums(b->U, rk, M, z);
-            add_transposed_times(b->U, rk, M, (float *)V, Dv, S);
+            if (!grads)
+                add_transposed_times(b->U, rk, M, (float *)V, Dv, S);
+            else
+                add_transposed_times(V, rk, Dv, b->U, M, S);
         }
         R = Rn;
     }
@@ -490,8 +533,8 @@ void effattn_causal_feature_attention_f32(const float *q, const float *k, const 
             int64_t a0, a1;
             part_rows(Nq, it % parts, parts, &a0, &a1);
             const float R = carry_in(&in, kind, it, M, Dv, S, z);
-            BY_KIND(forward_scan, q, k, v, kvalid, H, Nq, Nk, WrT, h, out, den, c, states, it / parts, a0, a1, &b,
-                    S, z, R);
+            BY_KIND(forward_scan, 0, q, k, v, kvalid, H, Nq, Nk, WrT, NULL, h, out, den, c, states, NULL, it / parts,
+                    a0, a1, NULL, &b, S, z, R);
         }
         free(S);
         free(z);
@@ -523,25 +566,9 @@ static inline __attribute__((always_inline)) void backward_scan(
         const float *Xq, *Xk, *V = rk > 0 ? rows4(vbh, a, rk, Dv, b->vb) : NULL;
         const float Rn = block_weights(kind, D, M, qb, kb, kv ? kv + a : NULL, WrT, h, a, r, rk, R, b, &Xq, &Xk);
         block_weight_grads(Dv, dout + bh * Nq * Dv, out + bh * Nq * Dv, den + bh * Nq, a, r, V, rk, b);
-        if (dq != NULL) { /* dphi = f (gn S^T + gd z) + dW U (S^T, z the keys' sums in), then dq */
-            const int64_t r4 = (r + 3) & ~(int64_t)3;
-            const float *st = states + (bh * ((Nq + RB - 1) / RB) + a / RB) * (Dv + 1) * M, *zin = st + Dv * M;
-            rows_times(b->G, r4, Dv, Dv, st, M, b->dF, M);
-            for (int64_t i = 0; i < r; i++) {
-                const vf fi = vsplat(b->f[i]), gi = vsplat(b->gd[i]);
-                for (int64_t x = 0; x < M; x += VW)
-                    vstore(b->dF + i * M + x, fi * (vload(b->dF + i * M + x) + gi * vload(zin + x)));
-            }
-            if (rk > 0) rows_times_add(b->dW, r4, RB, rk, b->U, M, b->dF, M);
-            float *dqb = dq + bh * Nq * D;
-            if (kind == FA_FAVOR) {
-                row_softmax_grad(b->P, b->dF, r, M, 1.0f, b->dF, M);
-                float *o = out_rows(dqb, a, r, D, b->ob);
-                rows_times(b->dF, r4, M, M, (float *)Wr, D, o, D);
-                put_rows(dqb, a, r, D, b->ob);
-            } else {
-                map_backward(kind, Xq, b->P, b->dF, r, D, M, dqb + a * D, D);
-            }
+        if (dq != NULL) { /* from the keys' carried sums into the block, kept by the forward */
+            const float *st = states + (bh * ((Nq + RB - 1) / RB) + a / RB) * (Dv + 1) * M;
+            query_grads_block(kind, D, Dv, M, Wr, Xq, st, st + Dv * M, a, r, rk, dq + bh * Nq * D, b);
         }
         if (rk > 0 && (dk != NULL || dv != NULL)) {
             const uint8_t *valid = kv ? kv + a : NULL;
@@ -614,8 +641,10 @@ void effattn_causal_feature_attention_backward_f32(
         }
     }
     const int64_t parts = scan_parts(BH, Nq, nthreads), items = BH * parts;
-    Carry in = {0};
-    if (dk != NULL || dv != NULL) in = query_suffixes(kind, q, out, den, c, dout, WrT, BH, Nq, D, Dv, M, parts, nthreads);
+    const int keys = dk != NULL || dv != NULL, scan_dq = dq != NULL && states == NULL;
+    Carry in = {0}, kin = {0};
+    if (keys) in = query_suffixes(kind, q, out, den, c, dout, WrT, BH, Nq, D, Dv, M, parts, nthreads);
+    if (scan_dq) kin = key_prefixes(kind, k, v, kvalid, WrT, BH, H, Nq, Nk, D, Dv, M, h, parts, nthreads);
 #pragma omp parallel num_threads(nthreads) if (items > 1)
     {
         int64_t lo, hi;
@@ -627,10 +656,17 @@ void effattn_causal_feature_attention_backward_f32(
         for (int64_t it = lo; it < hi; it++) {
             int64_t a0, a1;
             part_rows(Nq, it % parts, parts, &a0, &a1);
+            if (scan_dq) { /* no states kept: dq by a forward scan of its own */
+                const float R = carry_in(&kin, kind, it, M, Dv, G, gz);
+                transpose_each(G, 1, M, Dv, GT);
+                BY_KIND(forward_scan, 1, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, (float *)out, (float *)den, NULL, NULL,
+                        dout, it / parts, a0, a1, dq, &b, GT, gz, R);
+                if (!keys) continue;
+            }
             carry_in(&in, kind, it, M, Dv, G, gz);
             transpose_each(G, 1, M, Dv, GT);
             BY_KIND(backward_scan, q, k, v, kvalid, H, Nq, Nk, WrT, Wr, h, out, den, c, states, dout, it / parts, a0,
-                    a1, dq, dk, dv, &b, G, GT, gz);
+                    a1, scan_dq ? NULL : dq, dk, dv, &b, G, GT, gz);
         }
         free(G);
         free(GT);
@@ -638,5 +674,6 @@ void effattn_causal_feature_attention_backward_f32(
         block_free(&b);
     }
     carry_free(&in);
+    carry_free(&kin);
     free(WrT);
 }
