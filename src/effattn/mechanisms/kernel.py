@@ -35,8 +35,8 @@ the same conditions, on :func:`effattn.native.causal_feature_attention`
 (``causal_features.c``: one scan per (batch, head) over blocks of 64 positions, whatever
 ``chunk`` says — it sizes the torch path's chunks, its twin, and changes only rounding).
 Alternated in one process at N = 16,384 (B=1, H=4, D=64), forward / forward+backward: linear
-78.3 -> 12.2 / 147.1 -> 43.6 ms, taylor 80.8 -> 16.2 / 145.2 -> 48.2 ms, performer 270.2 ->
-54.8 / 617.6 -> 169.5 ms.
+82.5 -> 12.7 / 155.2 -> 43.9 ms, taylor 88.8 -> 13.5 / 177.7 -> 51.5 ms, performer 331.6 ->
+69.3 / 662.9 -> 200.9 ms.
 
 Feature maps whose key features need a large per-key factor (Performer's
 ``exp(w·k - |k|²/2)``, the trig kernel's ``exp(|k|²/2)``) return them in log-scaled
