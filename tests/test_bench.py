@@ -303,6 +303,21 @@ def test_missing_peer_is_reported_not_fatal(monkeypatch):
     assert notes and notes[0].startswith("peer no-such-peer-pkg not installed")
 
 
+def test_peers_run_only_for_the_selected_methods(monkeypatch):
+    """A configured peer whose counterpart method is not selected is skipped with a note
+    (``--methods performer`` does not time reformer-pytorch)."""
+    from effattn.bench import peers
+    from effattn.bench.runner import build_targets
+
+    for name, ours in (("fake-full-peer", "full"), ("fake-lsh-peer", "lsh")):
+        monkeypatch.setitem(peers.PEERS, name, peers.Peer(name, "effattn", ours, lambda *a: None, "n/a"))
+    cfg = _tiny_cfg(methods=["full"], peers=True)
+    cfg.peer_names = ["fake-full-peer", "fake-lsh-peer"]
+    targets, notes = build_targets(cfg, REGISTERED)
+    assert [(t.kind, t.name) for t in targets] == [("method", "full"), ("peer", "fake-full-peer")]
+    assert notes == ["peer fake-lsh-peer skipped: its counterpart method 'lsh' is not selected"]
+
+
 def test_peer_adapters_document_matched_settings():
     from effattn.bench.peers import PEERS
 

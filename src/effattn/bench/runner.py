@@ -36,9 +36,11 @@ def default_out_dir() -> str:
 
 
 def build_targets(cfg: BenchConfig, registered: list) -> tuple:
-    """``(targets, notes)``: our selected methods, then the configured peers if ``cfg.peers``
-    (a peer whose package is missing becomes a note, e.g. "peer reformer-pytorch not installed")."""
-    targets = [method_target(m, cfg.settings(m)) for m in selected_methods(cfg, registered)]
+    """``(targets, notes)``: our selected methods, then the configured peers of those methods
+    if ``cfg.peers`` (a peer whose package is missing, or whose counterpart is not selected,
+    becomes a note, e.g. "peer reformer-pytorch not installed")."""
+    chosen = selected_methods(cfg, registered)
+    targets = [method_target(m, cfg.settings(m)) for m in chosen]
     notes = []
     if cfg.peers:
         from effattn.bench.peers import PEERS, peer_available
@@ -47,6 +49,9 @@ def build_targets(cfg: BenchConfig, registered: list) -> tuple:
             p = PEERS[name]
             if p.ours not in registered:
                 notes.append(f"peer {name} skipped: its counterpart method {p.ours!r} is not registered")
+                continue
+            if p.ours not in chosen:  # e.g. --methods performer: reformer-pytorch would only cost time
+                notes.append(f"peer {name} skipped: its counterpart method {p.ours!r} is not selected")
                 continue
             ok, why = peer_available(name)
             if not ok:
