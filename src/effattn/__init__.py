@@ -5,6 +5,7 @@
 >>> out = effattn.attention(q, k, v, method="lsh", n_hashes=4, chunk_len=64, seed=0)
 """
 
+from effattn import result_pool
 from effattn.allocator import retain_freed_memory
 from effattn.api import attention, get, methods
 from effattn.nn import (
@@ -20,7 +21,7 @@ from effattn.nn import (
 )
 
 __all__ = [
-    "attention", "get", "methods", "retain_freed_memory",
+    "attention", "get", "methods", "retain_freed_memory", "result_pool",
     "MultiheadAttention", "TransformerBlock", "ChunkedFeedForward", "ReversibleBlock",
     "ReversibleSequence", "TransformerStack", "EncoderClassifier", "CausalLM", "ViT",
 ]

@@ -30,6 +30,7 @@ from effattn.bench.cases import make_inputs
 from effattn.bench.targets import NotApplicable, Target, build
 from effattn.mechanisms.blocksparse import BACKEND_CALLS, clear_tile_cache
 from effattn.mechanisms._scratch import release_workspaces
+from effattn import result_pool
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory",
@@ -148,8 +149,8 @@ def time_case(task: dict) -> dict:
     the warm-up (the first call when ``warmup = 0``), so one-time costs (``torch.compile``
     of a FlexAttention dispatch, caches) count neither in time nor memory; the first call's
     time is reported on its own as ``first_call_s``.  The memory call starts from a trimmed
-    heap (and with scratch a method keeps between calls, the engine's and lsh's workspaces,
-    freed, so its peak counts it): it pays page faults steady-state calls do not — for every method, ours and
+    heap (and with scratch a method keeps between calls, the engine's and lsh's workspaces
+    and the result pool's free blocks, freed, so its peak counts it): it pays page faults steady-state calls do not — for every method, ours and
     the peers' alike — so it is never one of the timed ones (its time: ``memory_call_s``).
     Returns ``{"status": "ok", "times": [...], "peak_mem_bytes": int, "first_call_s": float,
     "memory_call_s": float, "matmul_gflops": float`` (:func:`matmul_rate` measured in the
@@ -186,13 +187,15 @@ def time_case(task: dict) -> dict:
         first = time.perf_counter() - t0 if first is None else first
     calls_before = dict(BACKEND_CALLS)
     # scratch a method keeps between calls (the engine's and lsh's workspaces, the engine's
-    # kept tiles) counts in its peak: freed here, it is allocated again inside the
+    # kept tiles, the result pool's free blocks) counts in its peak: freed here, it is
+    # allocated again inside the
     # memory-measured call -- whose time then
     # includes faulting those pages in, as does every method's memory call after the heap
     # trim in mem.start(): a cost steady-state calls never pay, so that call is left out of
     # the timed ones (and reported as memory_call_s)
     release_workspaces()
     clear_tile_cache()
+    result_pool.release()
     mem.start()
     t0 = time.perf_counter()
     call()

@@ -44,6 +44,7 @@ from effattn.masks import SELF_PENALTY, PairMask, apply_masks, rule_key, shared_
 from effattn.mechanisms import _flex
 from effattn.mechanisms._layout import content_digest
 from effattn.mechanisms._scratch import Workspace, kept_workspace
+from effattn.result_pool import pooled_empty, pooled_zeros
 from effattn.softmax import (
     LOG2_E, online_finish, online_init, online_update, output_delta, safe_lse, softmax_weights_,
     stat_dtype)
@@ -625,8 +626,8 @@ def _forward(p: _Plan, q, k, v, need_lse: bool = True, out: Optional[torch.Tenso
     B, H = q.shape[:2]
     cdt = stat_dtype(q.dtype)
     if out is None:
-        out = torch.empty(B, H, q.shape[2], v.shape[-1], dtype=cdt, device=q.device)
-    lse = torch.empty(B, H, q.shape[2], dtype=cdt, device=q.device) if need_lse else None
+        out = pooled_empty((B, H, q.shape[2], v.shape[-1]), cdt, q.device)
+    lse = pooled_empty((B, H, q.shape[2]), cdt, q.device) if need_lse else None
     rules = _native_rules(p, q)
     if rules is not None and native.block_sparse(q, k, v, p.kv_blocks, qscale=p.scale * LOG2_E,
                                                  out=out, lse=lse, **rules):
@@ -706,9 +707,9 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, acc=None):
     """
     mdt, cdt = q.dtype, stat_dtype(q.dtype)  # matmul dtype (bf16 stays bf16), statistics dtype
     if acc is None:  # every query group's rows are written below: no zero fill for dq
-        dq = torch.empty(q.shape, dtype=cdt, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cdt, device=k.device)
-        dv = torch.zeros(v.shape, dtype=cdt, device=v.device)
+        dq = pooled_empty(q.shape, cdt, q.device)
+        dk = pooled_zeros(k.shape, cdt, k.device)
+        dv = pooled_zeros(v.shape, cdt, v.device)
     else:
         dq, dk, dv = acc
     delta = output_delta(dout, out, dlse)
@@ -861,8 +862,8 @@ def native_rows_forward(q, k, v, rows: torch.Tensor, kv_blocks, **kw):
     rules = _native_rules(plan, q)
     if rules is None or plan.nqb * plan.block_q != L:
         return None
-    out = torch.empty(B, H, N, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    out = pooled_empty((B, H, N, v.shape[-1]), torch.float32, q.device)
+    lse = pooled_empty((B, H, N), torch.float32, q.device)
     if not native.block_sparse(q, k, v, plan.kv_blocks, qscale=plan.scale * LOG2_E, out=out,
                                lse=lse, rows=rows, **rules):
         return None

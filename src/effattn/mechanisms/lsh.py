@@ -79,6 +79,7 @@ from effattn.api import register
 from effattn.mechanisms._layout import check_int, check_same_length, flat_rows, take_rows
 from effattn.mechanisms._scratch import Workspace, kept_workspace
 from effattn.masks import SELF_PENALTY, apply_masks, self_pairs
+from effattn.result_pool import pooled_empty, pooled_zeros
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_backward, block_sparse_forward,
     tile_gradients)
@@ -778,8 +779,8 @@ def _stream_forward(g: _Sorted, q, k, v, keep_rounds: bool = False):
     BH, Dv, C = B * H, v.shape[-1], g.chunk_len
     cdt = stat_dtype(v.dtype)  # results and merges in the statistics dtype (bf16 inputs too)
     ws = kept_workspace("lsh", v.device)
-    out = torch.empty(B, H, n, Dv, dtype=cdt, device=v.device)
-    lse = torch.empty(B, H, n, dtype=cdt, device=v.device)
+    out = pooled_empty((B, H, n, Dv), cdt, v.device)
+    lse = pooled_empty((B, H, n), cdt, v.device)
     rounds = []
     if not keep_rounds and _native_rounds(g, q, k, v, out, lse):
         return out, lse, rounds
@@ -826,7 +827,7 @@ def _stream_backward(g: _Sorted, q, k, v, out, lse, dout, dlse):
     cdt = stat_dtype(q.dtype)
     # dq a tensor of its own, not a view: autograd then adds another gradient of q (the
     # shared-QK keys') into it in place instead of into a fresh N x D sum (3-4 ms at 16K)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=cdt, device=t.device) for t in (q, k, v))
+    dq, dk, dv = (pooled_zeros(t.shape, cdt, t.device) for t in (q, k, v))
     lse_s = safe_lse(lse.to(cdt))
     delta = output_delta(dout, out, dlse)
     if _native_backward(g, q, k, v, lse_s, delta, dout, dq, dk, dv):

@@ -63,6 +63,8 @@ from typing import Optional
 
 import torch
 
+from effattn.result_pool import pooled_empty, pooled_empty_like
+
 __all__ = ["available", "status", "concat_argmax", "hash_buckets", "lsh_hash", "lsh_chunks",
            "lsh_chunks_backward", "block_sparse", "block_sparse_backward", "efficient",
            "efficient_backward", "queries_over_landmarks", "queries_over_landmarks_backward",
@@ -611,9 +613,9 @@ def efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: Option
     lib, kv = got
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
-    out = torch.empty(B, H, Nq, Dv)
-    c, z = torch.empty(B, H, 1, D), torch.empty(B, H, 1, D)
-    C = torch.empty(B, H, D, Dv)
+    out = pooled_empty((B, H, Nq, Dv))
+    c, z = pooled_empty((B, H, 1, D)), pooled_empty((B, H, 1, D))
+    C = pooled_empty((B, H, D, Dv))
     lib.effattn_efficient_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), B * H, H, Nq, Nk,
                               D, Dv, t, out.data_ptr(), c.data_ptr(), z.data_ptr(), C.data_ptr(),
                               torch.get_num_threads())
@@ -637,7 +639,7 @@ def efficient_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (tuple(c.shape) != (B, H, 1, D) or tuple(z.shape) != (B, H, 1, D)
             or tuple(C.shape) != (B, H, D, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)):
         return None
-    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
+    grads = [pooled_empty_like(x) if want else None for x, want in zip((q, k, v), need)]
     lib.effattn_efficient_backward_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv), B * H, H, Nq, Nk, D, Dv, t, c.data_ptr(),
         z.data_ptr(), C.data_ptr(), dout.data_ptr(), *map(_ptr, grads), torch.get_num_threads())
@@ -694,7 +696,7 @@ def queries_over_landmarks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     got = _landmarks_config(q, k, v, key_valid, "k")
     if got is None:
         return None
-    out = torch.empty(*q.shape[:3], v.shape[-1])
+    out = pooled_empty((*q.shape[:3], v.shape[-1]))
     _landmarks_call(got, "queries_over_landmarks", q, k, v, "k", scale, out)
     return out
 
@@ -709,7 +711,7 @@ def queries_over_landmarks_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     if got is None or tuple(dout.shape) != (*q.shape[:3], v.shape[-1]) or dq.dtype != torch.float32 \
             or not dq.is_contiguous() or dq.numel() != q.numel():
         return None
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk, dv = pooled_empty_like(k), pooled_empty_like(v)
     _landmarks_call(got, "queries_over_landmarks_backward", q, k, v, "k", scale, dout, dq, dk, dv)
     return dk, dv
 
@@ -726,8 +728,8 @@ def landmarks_over_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     got = _landmarks_config(q, k, v, key_valid, "q")
     if got is None:
         return None
-    out = torch.empty(*q.shape[:3], v.shape[-1])
-    m, z = torch.empty(q.shape[:3]), torch.empty(q.shape[:3])
+    out = pooled_empty((*q.shape[:3], v.shape[-1]))
+    m, z = pooled_empty(q.shape[:3]), pooled_empty(q.shape[:3])
     _landmarks_call(got, "landmarks_over_keys", q, k, v, "q", scale, out, m, z)
     return out, m, z
 
@@ -745,7 +747,7 @@ def landmarks_over_keys_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             or tuple(m.shape) != (B, H, L) or tuple(z.shape) != (B, H, L) or dk.dtype != torch.float32
             or not dk.is_contiguous() or dk.numel() != k.numel()):
         return None
-    dq, dv = torch.empty_like(q), torch.empty_like(v)
+    dq, dv = pooled_empty_like(q), pooled_empty_like(v)
     _landmarks_call(got, "landmarks_over_keys_backward", q, k, v, "q", scale, out, m, z, dout, dq, dk, dv)
     return dq, dv
 
@@ -796,7 +798,7 @@ def nystrom_core(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
         return None
     lib, (kc, kc_sb, qr, qr_sb) = got
     B, H, L, D = ql.shape
-    w = torch.empty(B, H, L, k3v.shape[-1])
+    w = pooled_empty((B, H, L, k3v.shape[-1]))
     lib.effattn_nystrom_core_f32(ql.data_ptr(), kl.data_ptr(), k3v.data_ptr(), _ptr(kc), kc_sb, _ptr(qr),
                                  qr_sb, B * H, H, L, D, k3v.shape[-1], scale, iters, w.data_ptr(),
                                  torch.get_num_threads())
@@ -813,7 +815,7 @@ def nystrom_core_backward(ql: torch.Tensor, kl: torch.Tensor, k3v: torch.Tensor,
         return None
     lib, (kc, kc_sb, qr, qr_sb) = got
     B, H, L, D = ql.shape
-    dql, dkl, dk3v = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(k3v)
+    dql, dkl, dk3v = pooled_empty_like(ql), pooled_empty_like(kl), pooled_empty_like(k3v)
     lib.effattn_nystrom_core_backward_f32(
         ql.data_ptr(), kl.data_ptr(), k3v.data_ptr(), _ptr(kc), kc_sb, _ptr(qr), qr_sb, B * H, H, L, D,
         k3v.shape[-1], scale, iters, dw.data_ptr(), dql.data_ptr(), dkl.data_ptr(), dk3v.data_ptr(),
@@ -871,8 +873,8 @@ def _run_features(causal: bool, kind, q, k, v, k_valid, wr, h, keep_states="auto
     lib, kv, M = got
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
-    out = torch.empty(B, H, Nq, Dv)
-    stats = [torch.empty(shape) for shape in _feature_stats_shapes(causal, B, H, Nq, M, Dv)]
+    out = pooled_empty((B, H, Nq, Dv))
+    stats = [pooled_empty(shape) for shape in _feature_stats_shapes(causal, B, H, Nq, M, Dv)]
     if keep_states == "auto":  # where they are at most twice the size of q
         keep_states = (Dv + 1) * M <= 2 * CAUSAL_BLOCK * D
     if causal and not keep_states:
@@ -898,7 +900,7 @@ def _run_features_backward(causal: bool, kind, q, k, v, k_valid, wr, h, out, sta
     if (tuple(out.shape) != (B, H, Nq, Dv) or tuple(dout.shape) != (B, H, Nq, Dv)
             or [tuple(t.shape) for t in stats] != _feature_stats_shapes(causal, B, H, Nq, M, Dv)[:len(stats)]):
         return None
-    grads = [torch.empty_like(x) if want else None for x, want in zip((q, k, v), need)]
+    grads = [pooled_empty_like(x) if want else None for x, want in zip((q, k, v), need)]
     fn = (lib.effattn_causal_feature_attention_backward_f32 if causal
           else lib.effattn_feature_attention_backward_f32)
     if causal and len(stats) == 2:
