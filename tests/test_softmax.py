@@ -3,7 +3,8 @@
 import torch
 from hypothesis import given, strategies as st
 
-from effattn.softmax import exp_, merge_pair_, merge_partials, softmax_lse_, softmax_weights_
+from effattn.softmax import (exp_, merge_pair_, merge_partials, output_delta, softmax_lse_,
+                             softmax_weights_)
 
 
 @given(parts=st.integers(1, 4), n=st.integers(1, 6), seed=st.integers(0, 2**16))
@@ -151,3 +152,26 @@ def test_base2_scores_give_the_natural_softmax_and_lse(rows, cols, split, seed, 
         out, l = online_finish(*state, base2=base2)
         torch.testing.assert_close(out, (w * inv) @ v, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(l, lse, atol=1e-12, rtol=1e-12)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 40), st.integers(0, 20),
+       st.integers(1, 20), st.booleans(), st.integers(0, 2**31 - 1))
+def test_output_delta_on_rows_of_a_larger_tensor(B, H, N, a, n, with_dlse, seed):
+    """D = rowsum(dO * O) - dlse, on any row range of larger tensors (a union part's rows:
+    leading dimensions that do not flatten) as on contiguous copies, in float64 exactly as
+    the elementwise sum."""
+    g = torch.Generator().manual_seed(seed)
+    a = min(a, N - 1)
+    b = min(N, a + n)
+    dout, out = (torch.randn(B, H, N, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dlse = torch.randn(B, H, N, generator=g, dtype=torch.float64) if with_dlse else None
+    rows = slice(a, b)
+    got = output_delta(dout[:, :, rows], out[:, :, rows], None if dlse is None else dlse[:, :, rows])
+    want = (dout[:, :, rows] * out[:, :, rows]).sum(-1)
+    if dlse is not None:
+        want = want - dlse[:, :, rows]
+    assert got.shape == (B, H, b - a)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(output_delta(dout[:, :, rows].contiguous(), out[:, :, rows].contiguous(),
+                                            None if dlse is None else dlse[:, :, rows]), got,
+                               rtol=1e-12, atol=1e-12)

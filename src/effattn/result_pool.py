@@ -140,7 +140,10 @@ def pooled_empty(shape, dtype: torch.dtype = torch.float32, device="cpu") -> tor
     back = _take(n)
     block = _block_type(n).from_address(back.data_ptr())
     block.back = back
-    return torch.frombuffer(block, dtype=dtype, count=numel).view(shape)
+    # frombuffer's own tensor reshaped in place: a view of it (its base holding a second
+    # reference to the storage) or a tensor set_ on its storage object (kept alive with
+    # it) would make autograd add another gradient into a copy instead of into this one
+    return torch.frombuffer(block, dtype=dtype, count=numel).resize_(shape)
 
 
 def pooled_empty_like(x: torch.Tensor) -> torch.Tensor:

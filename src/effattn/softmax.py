@@ -6,6 +6,8 @@ and output zero, and its gradients are zero (never NaN).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 LOG2_E = 1.4426950408889634  # 1 / ln 2
@@ -116,10 +118,27 @@ def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse=None) -> torch.Tens
     """FlashAttention's backward row term ``D_i = rowsum(dO_i * O_i) - dlse_i``:
     ``dout, out [..., N, Dv]``, ``dlse [..., N]`` or None -> ``[..., N]`` in the statistics
     dtype.  A row-wise dot product (einsum: no ``[..., N, Dv]`` temporary, which on this
-    CPU costs more in page faults than the products)."""
+    CPU costs more in page faults than the products).  Where the leading dimensions do not
+    flatten into one (some rows of a larger tensor, e.g. one part of a union), the einsum
+    would first copy both inputs, so it runs per leading index on their row blocks."""
     cdt = stat_dtype(out.dtype)
-    delta = torch.einsum("...d,...d->...", dout.to(cdt), out.to(cdt))
+    d, o = dout.to(cdt), out.to(cdt)
+    if d.dim() <= 2 or (_rows_flatten(d) and _rows_flatten(o)):
+        delta = torch.einsum("...d,...d->...", d, o)
+    else:
+        delta = torch.empty(d.shape[:-1], dtype=cdt, device=d.device)
+        for i in itertools.product(*(range(n) for n in d.shape[:-2])):
+            delta[i] = torch.einsum("nd,nd->n", d[i], o[i])
     return delta if dlse is None else delta - dlse.to(cdt)
+
+
+def _rows_flatten(x: torch.Tensor) -> bool:
+    """Whether ``x [..., n, d]``'s rows flatten into one ``[-1, d]`` view."""
+    try:
+        x.view(-1, x.shape[-1])
+        return True
+    except RuntimeError:
+        return False
 
 
 def online_init(shape_rows, dv: int, dtype, device):

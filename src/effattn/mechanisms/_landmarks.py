@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from effattn import native
+from effattn.result_pool import pooled_empty
 from effattn.mechanisms.exact import masked_sdpa
 
 #: whether the two products run on the native kernels where they serve (``landmarks.c``:
@@ -113,7 +114,7 @@ class _QueriesOverLandmarks(torch.autograd.Function):
         fill, empty = _key_bias(key_valid)
         ks = k * scale
         r = max(1, min(N, CHUNK_SCORES // max(1, B * H * L)))
-        out = torch.empty(B, H, N, v.shape[-1], dtype=q.dtype, device=q.device)
+        out = pooled_empty((B, H, N, v.shape[-1]), q.dtype, q.device)
         s = torch.empty(B * H * r * L, dtype=q.dtype, device=q.device)
         for a in range(0, N, r):
             b = min(N, a + r)
@@ -133,7 +134,7 @@ class _QueriesOverLandmarks(torch.autograd.Function):
         ks = k * scale
         r = max(1, min(N, CHUNK_SCORES // max(1, B * H * L)))
         dout = dout.contiguous()
-        dq_out = torch.empty(ctx.q_shape, dtype=q.dtype, device=q.device)  # not a view (module doc)
+        dq_out = pooled_empty(ctx.q_shape, q.dtype, q.device)  # not a view (module doc)
         if USE_NATIVE_LANDMARKS:
             got = native.queries_over_landmarks_backward(q, k, v, key_valid, scale, dout, dq_out)
             if got is not None:
@@ -183,7 +184,7 @@ class _LandmarksOverKeys(torch.autograd.Function):
         scale = ctx.scale
         dout = dout.contiguous()
         if len(kept) == 3:  # the native forward's out, m, z
-            dk = torch.empty(ctx.k_shape, dtype=k.dtype, device=k.device)  # not a view (module doc)
+            dk = pooled_empty(ctx.k_shape, k.dtype, k.device)  # not a view (module doc)
             got = native.landmarks_over_keys_backward(q, _rows(k), v, key_valid, scale, *kept, dout, dk)
             if got is not None:
                 return got[0], dk, got[1], None, None
@@ -192,7 +193,7 @@ class _LandmarksOverKeys(torch.autograd.Function):
         dv = torch.matmul(p.transpose(-1, -2), dout)
         ds = _softmax_backward_(torch.matmul(dout, v.transpose(-1, -2)), p)
         dq = torch.matmul(ds, k).mul_(scale)
-        dk = torch.empty(ctx.k_shape, dtype=k.dtype, device=k.device)  # not a view (module doc)
+        dk = pooled_empty(ctx.k_shape, k.dtype, k.device)  # not a view (module doc)
         torch.matmul(ds.transpose(-1, -2), q * scale, out=_rows(dk))
         return dq, dk, dv, None, None
 

@@ -29,6 +29,7 @@ import torch
 
 from effattn.mechanisms._layout import flat_rows, take_rows
 from effattn.mechanisms._scratch import Workspace, kept_workspace
+from effattn.result_pool import pooled_empty, pooled_zeros
 from effattn.mechanisms.blocksparse import (
     BACKEND_CALLS, RecomputedAttention, block_sparse_attention, block_sparse_backward,
     block_sparse_forward, native_rows_backward, native_rows_forward,
@@ -261,8 +262,8 @@ def _union_forward(parts, q, k, v):
             out, lse = o, l
         else:
             if out is None:
-                out = o.new_zeros(*q.shape[:3], o.shape[-1])
-                lse = l.new_full(q.shape[:3], float("-inf"))
+                out = pooled_zeros((*q.shape[:3], o.shape[-1]), o.dtype, o.device)
+                lse = pooled_empty(q.shape[:3], l.dtype, l.device).fill_(float("-inf"))
             if any(a < d and c < b for c, d in covered):
                 merge_pair_(out[:, :, a:b], lse[:, :, a:b], o, l)
             else:
@@ -273,7 +274,7 @@ def _union_forward(parts, q, k, v):
 
 
 def _union_backward(parts, q, k, v, out, lse, dout, dlse):
-    grads = [torch.zeros(x.shape, dtype=stat_dtype(x.dtype), device=x.device) for x in (q, k, v)]
+    grads = [pooled_zeros(x.shape, stat_dtype(x.dtype), x.device) for x in (q, k, v)]
     for part in parts:
         part.backward(q, k, v, out, lse, dout, dlse, grads)
     return grads

@@ -40,6 +40,7 @@ from effattn.mechanisms._layout import (
 from effattn.mechanisms import _flex
 from effattn.mechanisms._union import EnginePart, union_attention
 from effattn.mechanisms.blocksparse import block_sparse_attention
+from effattn.result_pool import pooled_empty
 
 BIGBIRD_OPTIONS = {"block_size": 64, "n_window_blocks": 3, "n_global_blocks": 1,
                    "n_random_blocks": 3, "seed": 0, "global_qkv": None,
@@ -182,7 +183,7 @@ def _row_pieces(q, k, v, layouts, spans, kv, run):
         return union_attention(q, k, v, parts)
     # each piece writes its rows of one output (no per-piece outputs concatenated: at
     # N = 65,536 two more 64 MB buffers and a copy)
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    out = pooled_empty((*q.shape[:3], v.shape[-1]), q.dtype, q.device)
     lses = [part.attend(q, k, v, run["need_lse"], out=out[:, :, part.q_rows[0]:part.q_rows[1]])[1]
             for part in parts]
     lse = None if any(l is None for l in lses) else torch.cat(lses, 2)

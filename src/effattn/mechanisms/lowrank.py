@@ -21,6 +21,7 @@ from effattn import native
 from effattn.api import prepare, register, spec
 from effattn.mechanisms._landmarks import landmarks_over_keys, queries_over_landmarks
 from effattn.mechanisms.exact import masked_sdpa
+from effattn.result_pool import pooled_empty, pooled_zeros
 from effattn.softmax import softmax_lse, stat_dtype
 
 __all__ = [
@@ -61,9 +62,10 @@ class _SequenceProjection(torch.autograd.Function):
         P, x = ctx.saved_tensors
         dP = dx = None
         if ctx.needs_input_grad[1]:
-            dx = torch.matmul(P.detach().t(), g)  # [B, H, N, D]
+            dx = pooled_empty((*g.shape[:-2], P.shape[1], g.shape[-1]), g.dtype, g.device)
+            torch.matmul(P.detach().t(), g, out=dx)  # [B, H, N, D]
         if ctx.needs_input_grad[0]:
-            dP = torch.zeros(P.shape, dtype=g.dtype, device=g.device)
+            dP = pooled_zeros(P.shape, g.dtype, g.device)
             for b in range(x.shape[0]):
                 for h in range(x.shape[1]):  # [k, D] @ [D, N], x's transpose read in place
                     dP.addmm_(g[b, h], x[b, h].t())
