@@ -120,6 +120,30 @@ def test_linformer_padding_fully_masked_and_gradcheck():
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+@given(N=st.integers(1, 70), k=st.sampled_from([16, 32, 48]), pad=st.booleans(),
+       empty=st.booleans(), share=st.booleans(), seed=st.integers(0, 9999))
+def test_linformer_float32_fused_path_matches_the_lse_path(N, k, pad, empty, share, seed):
+    """On float32 CPU inputs the fused path runs the queries-over-landmarks kernel with the
+    projected keys as landmarks (where it serves: k and D multiples of the vector width);
+    outputs and every gradient (q, k, v, E, F) match the unfused lse path, padding and a
+    keyless batch row included."""
+    mod = LinformerAttention(k=k, max_len=N + 3, share_kv=share, seed=seed)
+    q, k_, v = (t.float().requires_grad_() for t in rand_qkv(2, 2, N, N, 16, 16, seed=seed))
+    pm = random_padding(2, N, seed=seed, empty_row=1 if empty else None) if pad else None
+    params = [p for p in (mod.E, mod.F) if p is not None]
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(2, 2, N, 16, generator=g)
+    results = []
+    for want_lse in (True, False):
+        got = mod(q, k_, v, padding_mask=pm, return_lse=want_lse)
+        out = got[0] if want_lse else got
+        results.append((out, torch.autograd.grad((out * dout).sum(), (q, k_, v, *params))))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- Nyström
 
 def _landmark_kernel_cond(q, k, pm):

@@ -121,6 +121,11 @@ def linformer_attention(q, k, v, *, causal=False, padding_mask=None, scale, retu
         touches = torch.matmul(padding_mask.to(cdt), e.detach().abs().T) > 0  # [B, k]
         touches = touches[:, None, None, :]
     if not return_lse:  # fused: no [Nq, k] score tensor
+        if q.device.type == "cpu" and cdt == torch.float32 and native.available():
+            # the queries-over-landmarks kernel (Nystromformer's) with the k projected keys
+            # as its landmarks: 16.0 vs 19.5 ms forward, 56 vs 72 ms training at N = 16,384
+            # (k = 256, B=1, H=4, D=64), 62 vs 89 / 204 vs 314 ms at 65,536
+            return queries_over_landmarks(q.to(cdt), kp, vp, touches, scale).to(q.dtype), None
         return masked_sdpa(q.to(cdt), kp, vp, touches, scale).to(q.dtype), None
     s = torch.matmul(q.to(cdt), kp.transpose(-1, -2)) * scale  # [B, H, Nq, k]
     if touches is not None:
