@@ -152,6 +152,48 @@ def test_threads_requesting_and_freeing_at_once():
     assert rp.held_bytes() <= rp.limit()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_another_thread_holds_the_lock_can_use_the_pool():
+    import os
+
+    release, holding = threading.Event(), threading.Event()
+
+    def hold():
+        with rp._lock:
+            holding.set()
+            release.wait(10)
+
+    th = threading.Thread(target=hold)
+    th.start()
+    holding.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: the pool must neither deadlock nor fail
+        try:
+            t = rp.pooled_empty((MB,))
+            ptr = t.data_ptr()
+            del t
+            ok = rp.pooled_empty((MB,)).data_ptr() == ptr
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    release.set()
+    th.join()
+    import signal
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:  # deadlocked on the parent's held lock
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the pool's lock")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_default_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("EFFATTN_RESULT_POOL_MB", "64")
     assert rp._default_limit() == 64 * MB

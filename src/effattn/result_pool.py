@@ -64,6 +64,16 @@ _held = 0
 _limit = _default_limit()
 
 
+def _after_fork_in_child() -> None:
+    """A fresh lock in a forked child: another thread of the parent may have held it."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _returned(block) -> None:
     """``__del__`` of a block: the last tensor on its memory is gone."""
     back = block.__dict__.get("back")

@@ -91,7 +91,7 @@ def render(results: dict) -> str:
         "mark; CUDA: max_memory_allocated), over the first call after the warm-up (one-time "
         "compile costs are not counted; `results.json` keeps each case's `first_call_s`); scratch "
         "kept between calls (the block-sparse engine's and lsh's workspaces, the engine's kept "
-        "tiles) is freed before it "
+        "tiles, the result pool's free blocks) is freed before it "
         "and counts; that call starts from a trimmed heap and is not one of the timed ones "
         "(`memory_call_s`)",
         "- backend: for methods on the block-sparse engine, what ran the timed calls — `engine` "
