@@ -10,6 +10,7 @@ token are excluded from the softmaxes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -21,7 +22,7 @@ from effattn import native
 from effattn.api import prepare, register, spec
 from effattn.mechanisms._landmarks import landmarks_over_keys, queries_over_landmarks
 from effattn.mechanisms.exact import masked_sdpa
-from effattn.result_pool import pooled_empty, pooled_zeros
+from effattn.result_pool import pooled_empty
 from effattn.softmax import softmax_lse, stat_dtype
 
 __all__ = [
@@ -65,9 +66,14 @@ class _SequenceProjection(torch.autograd.Function):
             dx = pooled_empty((*g.shape[:-2], P.shape[1], g.shape[-1]), g.dtype, g.device)
             torch.matmul(P.detach().t(), g, out=dx)  # [B, H, N, D]
         if ctx.needs_input_grad[0]:
-            dP = pooled_zeros(P.shape, g.dtype, g.device)
-            for b in range(x.shape[0]):
-                for h in range(x.shape[1]):  # [k, D] @ [D, N], x's transpose read in place
+            dP = pooled_empty(P.shape, g.dtype, g.device)
+            if x.shape[0] * x.shape[1] == 0:
+                dP.zero_()
+            for i, (b, h) in enumerate(itertools.product(range(x.shape[0]), range(x.shape[1]))):
+                # [k, D] @ [D, N], x's transpose read in place; the first head writes dP
+                if i == 0:
+                    torch.mm(g[b, h], x[b, h].t(), out=dP)
+                else:
                     dP.addmm_(g[b, h], x[b, h].t())
         return dP, dx
 
